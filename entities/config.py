@@ -1,0 +1,166 @@
+"""Run settings as dataclasses, read from ``configs/<preset>.toml``.
+
+One source of truth: ``python -m sim.*`` commands and the Flower app both call :func:`load_config`
+with a preset name and dotted overrides (``pretrain.epochs=3``), so a setting means the same thing
+whichever way the run was started. A preset may ``extends = "other"`` to change a few values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entities.data import PROJECT_ROOT
+
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    data_root: str = ""  # empty: $POISONPOOL_DATA, then ../shared/data
+    allow_download: bool = False  # torchvision's CIFAR-10 download, for connected machines only
+    task_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    public_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    max_task_train: int = 0  # cap on |S| train images (0 = all), for CPU-scale runs
+    max_public_train: int = 0  # cap on |Q| train images
+    max_test: int = 0  # cap on the common held-out test split of S
+    shard_fractions: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.1, 0.01])
+    partition: str = "iid"  # or "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration for non-IID shards
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet20"
+    hook: str = "conv4_1"
+    pretrain_on: str = "S"  # "S" (Tables 1-2) or an entity id like "E1" (the collaboration)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    augment: bool = True
+
+
+@dataclass
+class ReconstructorConfig:
+    name: str = "px2s2"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+
+
+@dataclass
+class DPMConfig:
+    blocks: int = 4
+    lam: float = 1.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
+    dpm: DPMConfig = field(default_factory=DPMConfig)
+    decider: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, augment=False))
+    results_root: str = ""  # empty: the project's results/
+    threads: int = 0  # torch threads per process (0 = torch's default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of some sections: the key under which their artefacts are stored."""
+        d = self.to_dict()
+        picked = {s: d[s] for s in sections} if sections else d
+        return hashlib.sha1(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
+
+    def results_dir(self) -> Path:
+        return Path(self.results_root) if self.results_root else PROJECT_ROOT / "results"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name) if name.endswith(".toml") else CONFIG_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise ValueError(f"config preset {name!r} not found at {path}; known presets: {known}")
+    if name in seen:
+        raise ValueError(f"config presets extend each other in a loop: {' -> '.join((*seen, name))}")
+    raw = tomllib.loads(path.read_text())
+    parent = raw.pop("extends", None)
+    return _merge(_read_preset(parent, (*seen, name)), raw) if parent else raw
+
+
+def _coerce(value: Any, like: Any) -> Any:
+    """Turn an override string into the type of the default it replaces."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    if isinstance(like, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if isinstance(like, (int, float, list)):
+        return json.loads(value)
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)} in [{where}]; known: {sorted(known)}")
+    kwargs = {}
+    default = cls()
+    for k, v in values.items():
+        current = getattr(default, k)
+        if dataclasses.is_dataclass(current):
+            kwargs[k] = _build(type(current), v, f"{where}.{k}" if where else k)
+        else:
+            kwargs[k] = _coerce(v, current)
+    return cls(**kwargs)
+
+
+def load_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> Config:
+    """The preset's settings with dotted overrides applied, e.g. ``{"dpm.lam": 0.5}``."""
+    raw = _read_preset(preset)
+    raw.setdefault("name", Path(preset).stem)
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _build(Config, raw, "")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["dpm.lam=0.5", ...]`` from the command line into an overrides dict."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out

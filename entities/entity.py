@@ -1,0 +1,108 @@
+"""One collaborating entity: its shard, its private DPM, the pool it shares and its refined decider.
+
+The Flower ClientApp and the Table 5 grid both drive entities through this class, so the
+collaboration means the same thing whichever runner executes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from entities.config import Config
+from entities.dpm import DeepPoisoningModule
+from entities.pipeline import ArtefactStore, SharedModules
+from entities.train import (
+    evaluate_classifier,
+    evaluate_reconstruction,
+    extract_features,
+    poison,
+    train_decider,
+    train_dpm,
+)
+
+log = logging.getLogger("poisonpool")
+
+
+@dataclass
+class Pool:
+    """Features with labels, as shared between entities (poisoned) or kept (original)."""
+
+    features: torch.Tensor
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def union(pools: list[Pool]) -> Pool:
+        return Pool(torch.cat([p.features for p in pools]), np.concatenate([p.labels for p in pools]))
+
+
+class Entity:
+    """An organisation with a few sensitive images that may not leave it."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, store: ArtefactStore) -> None:
+        self.name = name
+        self.images = images
+        self.labels = labels
+        self.store = store
+        self.features: torch.Tensor | None = None
+        self.dpm: DeepPoisoningModule | None = None
+
+    def featurize(self, shared: SharedModules) -> Pool:
+        """φ1 of its own images, once: DPM training and refinement both reuse them."""
+        if self.features is None:
+            self.features = extract_features(shared.phi1, self.images)
+        return Pool(self.features, self.labels)
+
+    def dpm_path(self, cfg: Config):
+        return self.store.private(self.name, f"dpm-{cfg.digest('dpm', 'reconstructor')}.pt")
+
+    def train_dpm(self, shared: SharedModules, cfg: Config, seed: int) -> DeepPoisoningModule:
+        """Step 2 on its own shard; the DPM is saved only under this entity's private store."""
+        own = self.featurize(shared)
+        dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks)
+        path = self.dpm_path(cfg)
+        if path.is_file():
+            dpm.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            train_dpm(dpm, copy.deepcopy(shared.phi2), shared.psi, own.features, self.images, self.labels,
+                      cfg.dpm, seed=seed, what=f"{self.name} dpm")
+            torch.save(dpm.state_dict(), path)
+        dpm.eval()
+        self.dpm = dpm
+        return dpm
+
+    def poisoned_pool(self) -> Pool:
+        """P(φ1(S_k)) with labels: the only thing derived from its images that it shares."""
+        if self.dpm is None or self.features is None:
+            raise RuntimeError(f"{self.name}: train the DPM before sharing a pool")
+        return Pool(poison(self.dpm, self.features), self.labels)
+
+    def pool_metrics(self, shared: SharedModules, test_features: torch.Tensor, test_labels: np.ndarray
+                     ) -> dict[str, float]:
+        """Decider accuracy on original vs poisoned test features, and ψ's SSIM on its own pool."""
+        orig = evaluate_classifier(shared.phi2, test_features, test_labels)
+        pois = evaluate_classifier(nn.Sequential(self.dpm, shared.phi2), test_features, test_labels)
+        recon = evaluate_reconstruction(shared.psi, self.poisoned_pool().features, self.images)
+        return {
+            "top1_original": orig["top1"],
+            "top1_poisoned": pois["top1"],
+            "ssim_pool": recon["ssim"],
+            "ssim_pool_inverted": recon["ssim_inverted"],
+            "l1_pool": recon["l1"],
+        }
+
+    def refine(self, shared: SharedModules, received: list[Pool], cfg: Config, test_features: torch.Tensor,
+               test_labels: np.ndarray, seed: int) -> tuple[nn.Module, dict[str, float]]:
+        """Step 3: refine φ2 on its own original features plus the pools it received."""
+        data = Pool.union([self.featurize(shared), *received])
+        phi2 = copy.deepcopy(shared.phi2)
+        train_decider(phi2, data.features, data.labels, cfg.decider, seed=seed, what=f"{self.name} decider")
+        return phi2, evaluate_classifier(phi2, test_features, test_labels)

@@ -1,0 +1,51 @@
+"""Classification and reconstruction metrics, in one place so every table scores the same way.
+
+Images are floats in [0, 1] (data range 1.0) for L1, SSIM and PSNR. SSIM is pytorch-msssim's with
+its standard Gaussian window (11 pixels, sigma 1.5, valid convolution), which fits images of 11
+pixels and more, so CIFAR's 32-pixel images are fine.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_msssim import ssim as _ssim
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+DATA_RANGE = 1.0
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample bool: is the label among the k highest logits (k capped at the class count)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+
+
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM of each image pair, shape (N,); can be negative (anti-correlated structure)."""
+    return _ssim(x, y, data_range=DATA_RANGE, size_average=False, win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA)
+
+
+def l1_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel difference of each pair (the paper's L1 distance)."""
+    return (x - y).abs().flatten(1).mean(1)
+
+
+def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB for data range 1.0; identical images are capped at 100 dB."""
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(DATA_RANGE**2 / mse.clamp_min(1e-10))).clamp(max=100.0)
+
+
+def reconstruction_scores(recon: torch.Tensor, original: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1, SSIM, PSNR of ψ's output and SSIM of its inversion 1 - ψ, per image.
+
+    The inverted score matters: a reconstruction pushed to negative SSIM is a photographic negative,
+    and ``1 - ψ`` shows the image again. Poisoning only counts if both SSIMs are near zero.
+    """
+    return {
+        "l1": l1_per_image(recon, original),
+        "ssim": ssim_per_image(recon, original),
+        "ssim_inverted": ssim_per_image(1 - recon, original),
+        "psnr": psnr_per_image(recon, original),
+    }

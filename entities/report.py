@@ -1,0 +1,62 @@
+"""Tables (CSV + Markdown) and image grids that every command writes the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub Markdown table without extra dependencies."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if pd.isna(v) else format(v, floatfmt)
+        return str(v)
+
+    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+def write_table(df: pd.DataFrame, out_dir: Path, stem: str, title: str, notes: str = "") -> Path:
+    """``<stem>.csv`` and ``<stem>.md`` (title, table, notes); returns the Markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / f"{stem}.csv", index=False)
+    md = out_dir / f"{stem}.md"
+    md.write_text(f"# {title}\n\n{markdown_table(df)}\n\n{notes.strip()}\n")
+    return md
+
+
+def write_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def image_grid(columns: dict[str, torch.Tensor], path: Path, row_labels: list[str] | None = None) -> Path:
+    """A PNG with one titled column per entry, images as float CHW in [0, 1], one row per image."""
+    names = list(columns)
+    n = len(columns[names[0]])
+    fig, axes = plt.subplots(n, len(names), figsize=(1.4 * len(names), 1.4 * n), squeeze=False)
+    for j, name in enumerate(names):
+        axes[0, j].set_title(name, fontsize=7)
+        for i in range(n):
+            img = columns[name][i].detach().clamp(0, 1).permute(1, 2, 0).numpy()
+            ax = axes[i, j]
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0 and row_labels:
+                ax.set_ylabel(row_labels[i], fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

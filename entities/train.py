@@ -1,0 +1,234 @@
+"""Training and evaluation loops for Φ, ψ, P and the deciders φ2.
+
+φ1 is frozen after pretraining, so every loop after it works on cached φ1 features
+(:func:`extract_features`) instead of running φ1 again each epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from entities.config import DPMConfig, ReconstructorConfig, TrainConfig
+from entities.dpm import dpm_loss
+from entities.metrics import reconstruction_scores, topk_correct
+
+log = logging.getLogger("poisonpool")
+
+Step = Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW images to float in [0, 1]."""
+    t = torch.as_tensor(images)
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+
+
+def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop with reflect padding and horizontal flip: the standard CIFAR augmentation."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,)).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,)).tolist()
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    flip = torch.rand(n) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def fit(
+    params,
+    step: Step,
+    n: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    what: str,
+    sgd: bool = False,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """The one optimisation loop: shuffled mini-batches, cosine LR, progress, NaN guard.
+
+    ``step`` takes the batch's row indices and returns (loss, figures to log). Returns the mean
+    figures of each epoch. A non-finite loss stops with the module, epoch and batch named.
+    """
+    params = [p for p in params if p.requires_grad]
+    opt = (
+        torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        if sgd
+        else torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    )
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    rng = np.random.default_rng(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.time()
+        perm = rng.permutation(n)
+        sums: dict[str, float] = {}
+        bar = tqdm(range(steps_per_epoch), desc=f"{what} {epoch}/{epochs}", leave=False, disable=None)
+        for b in bar:
+            idx = np.sort(perm[b * batch_size:(b + 1) * batch_size])
+            loss, figures = step(idx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{what}: loss became {loss.item()} at epoch {epoch}, batch {b + 1}/{steps_per_epoch} "
+                    f"(try a lower learning rate); artefacts written before this point are kept"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in figures.items()})
+        means = {k: v / n for k, v in sums.items()}
+        history.append(means)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+        log.info("%s epoch %d/%d %s (%.1fs)", what, epoch, epochs, shown, time.time() - t0)
+    return history
+
+
+def freeze(*modules: nn.Module) -> None:
+    for m in modules:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int = 0):
+    """Step 1: train Φ with cross-entropy (Eq. 1) on raw images."""
+    y_all = torch.as_tensor(labels)
+    model.train()
+
+    def step(idx):
+        x = to_float(images[idx])
+        if cfg.augment:
+            x = augment(x)
+        logits = model(x)
+        y = y_all[idx]
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+    torch.manual_seed(seed)
+    history = fit(model.parameters(), step, len(labels), cfg.epochs, cfg.batch_size, cfg.lr, "pretrain",
+                  sgd=True, weight_decay=cfg.weight_decay, seed=seed)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def extract_features(phi1: nn.Module, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
+    """φ1(x) for all images, computed once; every later step trains on these."""
+    phi1.eval()
+    out = [phi1(to_float(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def train_reconstructor(
+    psi: nn.Module, features: torch.Tensor, images: np.ndarray, cfg: ReconstructorConfig, seed: int = 0
+):
+    """ψ learns to invert φ1 with the L1 loss of Eq. 3 (on the public set Q only)."""
+    psi.train()
+
+    def step(idx):
+        loss = (psi(features[idx]) - to_float(images[idx])).abs().mean()
+        return loss, {"l1": loss.item()}
+
+    torch.manual_seed(seed)
+    history = fit(psi.parameters(), step, len(features), cfg.epochs, cfg.batch_size, cfg.lr,
+                  "reconstructor", seed=seed)
+    psi.eval()
+    return history
+
+
+def train_dpm(
+    dpm: nn.Module,
+    phi2: nn.Module,
+    psi: nn.Module,
+    features: torch.Tensor,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: DPMConfig,
+    seed: int = 0,
+    what: str = "dpm",
+):
+    """Step 2: P minimises CE(φ2(P(f)), y) + λ·SSIM(ψ(P(f)), x) with φ2 and ψ frozen (Eq. 6)."""
+    freeze(phi2, psi)
+    dpm.train()
+    y_all = torch.as_tensor(labels)
+
+    def step(idx):
+        poisoned = dpm(features[idx])
+        loss, ce, priv = dpm_loss(phi2(poisoned), y_all[idx], psi(poisoned), to_float(images[idx]), cfg.lam)
+        return loss, {"ce": ce.item(), "ssim_loss": priv.item()}
+
+    torch.manual_seed(seed)
+    history = fit(dpm.parameters(), step, len(features), cfg.epochs, cfg.batch_size, cfg.lr, what, seed=seed)
+    dpm.eval()
+    return history
+
+
+@torch.no_grad()
+def poison(dpm: nn.Module, features: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """P(φ1(x)) for cached features: what an entity shares."""
+    dpm.eval()
+    return torch.cat([dpm(features[i:i + batch_size]) for i in range(0, len(features), batch_size)])
+
+
+def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
+                  seed: int = 0, what: str = "decider"):
+    """Step 3: refine (or train) a decider φ2 on a pool of features, original and poisoned."""
+    for p in phi2.parameters():
+        p.requires_grad_(True)
+    phi2.train()
+    y_all = torch.as_tensor(labels)
+
+    def step(idx):
+        logits = phi2(features[idx])
+        y = y_all[idx]
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+    torch.manual_seed(seed)
+    history = fit(phi2.parameters(), step, len(features), cfg.epochs, cfg.batch_size, cfg.lr, what,
+                  sgd=True, weight_decay=cfg.weight_decay, seed=seed)
+    phi2.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, inputs: torch.Tensor | np.ndarray, labels: np.ndarray,
+                        batch_size: int = 1000) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-5 is 100% by definition with ≤ 5 classes)."""
+    model.eval()
+    y = torch.as_tensor(labels)
+    c1 = c5 = 0
+    for i in range(0, len(y), batch_size):
+        x = inputs[i:i + batch_size]
+        logits = model(to_float(x) if isinstance(x, np.ndarray) else x)
+        c1 += topk_correct(logits, y[i:i + batch_size], 1).sum().item()
+        c5 += topk_correct(logits, y[i:i + batch_size], 5).sum().item()
+    return {"top1": 100.0 * c1 / len(y), "top5": 100.0 * c5 / len(y)}
+
+
+@torch.no_grad()
+def evaluate_reconstruction(psi: nn.Module, features: torch.Tensor, images: np.ndarray,
+                            batch_size: int = 500) -> dict[str, float]:
+    """Mean L1, SSIM, SSIM of the inverted reconstruction and PSNR of ψ(features) against x."""
+    psi.eval()
+    sums: dict[str, float] = {}
+    for i in range(0, len(features), batch_size):
+        scores = reconstruction_scores(psi(features[i:i + batch_size]), to_float(images[i:i + batch_size]))
+        for k, v in scores.items():
+            sums[k] = sums.get(k, 0.0) + v.sum().item()
+    return {k: v / len(features) for k, v in sums.items()}

@@ -1,0 +1,47 @@
+"""Command-line plumbing shared by every ``python -m sim.*`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from entities.config import Config, load_config, parse_overrides
+from entities.data import DataError
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="default", help="preset in configs/ (or a .toml path)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override settings, e.g. --set dpm.lam=0.5 pretrain.epochs=3")
+    parser.add_argument("--data-root", default=None, help="folder with the data archives (default: search)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let torchvision download CIFAR-10 if no archive is found (connected machines)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = parse_overrides(args.set)
+    if args.data_root:
+        overrides["data.data_root"] = args.data_root
+    if args.allow_download:
+        overrides["data.allow_download"] = "true"
+    cfg = load_config(args.config, overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run_main(main) -> None:
+    """Run a command's main; known input errors print one line instead of a traceback."""
+    setup_logging()
+    try:
+        main()
+    except (DataError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
