@@ -70,6 +70,15 @@ class DPMConfig:
 
 
 @dataclass
+class Table5Config:
+    """The Table 5 grid's own budget: raw-image rows train full backbones, the costly part on a CPU."""
+
+    all_epochs: int = 4  # row 5 (all of S); rows 1-4 use [pretrain], the recipe E1 pretrained Φ with
+    fedavg_rounds: int = 5  # the extra FedAvg row: rounds x local epochs ≈ [decider] epochs
+    fedavg_local_epochs: int = 3
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -78,6 +87,7 @@ class Config:
     reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
     dpm: DPMConfig = field(default_factory=DPMConfig)
     decider: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, augment=False))
+    table5: Table5Config = field(default_factory=Table5Config)
     results_root: str = ""  # empty: the project's results/
     threads: int = 0  # torch threads per process (0 = torch's default)
 

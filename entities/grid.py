@@ -1,0 +1,296 @@
+"""Table 5 of Deep Poisoning as data, and the work behind each of its rows.
+
+A row is one classifier and the images or features it learns from. Rows 1-5 train a whole
+backbone on raw images; rows 6-12 and the two extra rows refine the decider φ2 of the shared Φ
+on unions of φ1 features and poisoned pools. The functions here compute one row from plain
+arguments (arrays, pools, a state dict), so the same code runs in a Ray task or in-process, and
+each finished row is kept under a key of exactly the settings it depends on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from entities.backbone import Backbone, build_backbone
+from entities.config import Config
+from entities.entity import Entity, Pool
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
+from entities.pools import PoolError, load_pool, validate_pool
+from entities.train import evaluate_classifier, pretrain, train_decider
+
+RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table. ``parts`` name the training data: ``raw:E1`` (S1's images),
+    ``raw:S`` (all of S), ``phi1:E1`` (φ1(S1)) and ``pool:E2`` (P2(φ1(S2)))."""
+
+    id: str
+    entity: str  # whose classifier it is; empty for the reference rows 5, 6 and the extras
+    kind: str
+    parts: tuple[str, ...]
+    paper: tuple[float, float] | None = None  # the paper's top-1 / top-5 (ImageNet, 500 classes)
+
+    def uses(self, what: str) -> list[str]:
+        """Entities whose ``what`` (raw, phi1, pool) this row trains on."""
+        return [p.split(":")[1] for p in self.parts if p.startswith(what + ":")]
+
+    def describe(self) -> str:
+        def one(part: str) -> str:
+            what, who = part.split(":")
+            k = who[1:]
+            if what == "raw":
+                return "raw images S" if who == "S" else f"raw images S{k}"
+            return f"ϕ1(S{k})" if what == "phi1" else f"P{k}(ϕ1(S{k}))"
+
+        text = " ∪ ".join(one(p) for p in self.parts)
+        return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own ϕ1 features" if self.kind == FEDAVG else text
+
+
+ROWS: tuple[Row, ...] = (
+    Row("1", "E1", RAW, ("raw:E1",), (52.9, 77.7)),
+    Row("2", "E2", RAW, ("raw:E2",), (52.7, 77.8)),
+    Row("3", "E3", RAW, ("raw:E3",), (53.2, 77.9)),
+    Row("4", "E4", RAW, ("raw:E4",), (13.5, 30.3)),
+    Row("5", "", RAW, ("raw:S",), (81.1, 95.0)),
+    Row("6", "", FEATURES, ("phi1:E1", "phi1:E2"), (61.2, 83.8)),
+    Row("7", "E1", FEATURES, ("phi1:E1", "pool:E2"), (59.4, 82.6)),
+    Row("8", "E2", FEATURES, ("pool:E1", "phi1:E2"), (59.8, 83.0)),
+    Row("9", "E3", FEATURES, ("pool:E1", "pool:E2", "phi1:E3"), (62.3, 84.5)),
+    Row("10", "E3", FEATURES, ("pool:E1", "pool:E2", "pool:E3", "phi1:E3"), (62.7, 84.7)),
+    Row("11", "E4", FEATURES, ("pool:E1", "pool:E2", "phi1:E4"), (58.4, 82.1)),
+    Row("12", "E4", FEATURES, ("pool:E1", "pool:E2", "pool:E3", "phi1:E4"), (61.6, 84.4)),
+    # Beyond the paper: federated averaging of the decider (the alternative it argues against)
+    # and all four entities' unpoisoned features (the most that sharing could give).
+    Row("fedavg", "", FEDAVG, ("phi1:E1", "phi1:E2", "phi1:E3", "phi1:E4")),
+    Row("all4", "", FEATURES, ("phi1:E1", "phi1:E2", "phi1:E3", "phi1:E4")),
+)
+ROW_IDS = tuple(r.id for r in ROWS)
+
+
+def select_rows(ids: list[str] | None) -> list[Row]:
+    """The rows asked for, in table order; an unknown id stops before any work is done."""
+    if not ids:
+        return list(ROWS)
+    unknown = [i for i in ids if i not in ROW_IDS]
+    if unknown:
+        raise ValueError(f"unknown Table 5 row id(s) {unknown}; valid: {', '.join(ROW_IDS)}")
+    return [r for r in ROWS if r.id in ids]
+
+
+def check_entities(cfg: Config) -> None:
+    """Table 5 names E1..E4, so the configuration must have exactly four shards."""
+    if len(cfg.data.shard_fractions) != 4:
+        raise ValueError(f"Table 5 needs four entities E1..E4, but data.shard_fractions has "
+                         f"{len(cfg.data.shard_fractions)} entries: {cfg.data.shard_fractions}")
+
+
+def reuses_phi(row: Row, seed: int, cfg: Config) -> bool:
+    """Row 1 at the first seed is Φ itself: E1 pretrained it on S1 with the same recipe and seed."""
+    return row.kind == RAW and row.parts == (f"raw:{cfg.backbone.pretrain_on}",) and seed == cfg.data.seed
+
+
+def raw_epochs(row: Row, cfg: Config) -> int:
+    """Entities' own rows use the recipe Φ was pretrained with; row 5 (all of S) its own budget."""
+    return cfg.table5.all_epochs if row.uses("raw") == ["S"] else cfg.pretrain.epochs
+
+
+def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
+    """A hash of exactly what the row's figure depends on: other settings may change freely."""
+    d = cfg.to_dict()
+    settings = {"row": dataclasses.astuple(row)[:4], "seed": seed, "data": d["data"], "backbone": d["backbone"],
+                "pretrain": d["pretrain"]}
+    if row.kind == RAW:
+        settings["epochs"] = raw_epochs(row, cfg)
+    else:
+        settings["decider"] = d["decider"]
+    if row.uses("pool"):
+        settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"], "pools": pool_source}
+    if row.kind == FEDAVG:
+        settings["fedavg"] = [cfg.table5.fedavg_rounds, cfg.table5.fedavg_local_epochs]
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class RowStore:
+    """Finished rows of one run, one JSON file per (row, seed, settings key): the run's resume state."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir / "rows"
+
+    def path(self, row: Row, seed: int, key: str) -> Path:
+        return self.dir / f"row{row.id}-seed{seed}-{key}.json"
+
+    def get(self, row: Row, seed: int, key: str) -> dict | None:
+        path = self.path(row, seed, key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, row: Row, seed: int, key: str, result: dict) -> None:
+        path = self.path(row, seed, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**result, "row": row.id, "seed": seed, "key": key}, indent=2))
+        tmp.replace(path)
+
+
+# --- the inputs every feature row shares, produced once --------------------------------------------
+
+
+@dataclass
+class GridInputs:
+    """Step 1 and Step 2 of the collaboration: Φ (pretrained on the configured shard), each
+    entity's φ1 features and its poisoned pool, and the φ1 features of S's test split."""
+
+    backbone: Backbone
+    own: dict[str, Pool]
+    pools: dict[str, Pool]
+    test_features: torch.Tensor
+    pool_metrics: dict[str, dict[str, float]]
+
+
+def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0) -> GridInputs:
+    """Pretrain Φ, train ψ and the four private DPMs (each stored once), featurize every shard.
+
+    ``pools`` given (from a Flower run) replaces the DPMs: those pools are shared as they are.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    split = load_task(cfg)
+    store = ArtefactStore(cfg)
+    shared = step1(cfg, split, store)
+    test_features = cached_features(store, "S-test", shared.phi1, split.S.test_images)
+    own, made, metrics = {}, {}, {}
+    for name, idx in entity_shards(cfg, split).items():
+        entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], store)
+        own[name] = entity.featurize(shared)
+        if pools is None:
+            entity.train_dpm(shared, cfg, seed=cfg.data.seed)
+            made[name] = entity.poisoned_pool()
+            metrics[name] = entity.pool_metrics(shared, test_features, split.S.test_labels)
+    return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics)
+
+
+def feature_shape(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:
+    """φ1's output shape for this config, from one blank image: pools are checked before any training."""
+    phi1, _ = build_backbone(cfg.backbone.name, num_classes, image_shape[0]).split(cfg.backbone.hook)
+    with torch.no_grad():
+        return tuple(phi1.eval()(torch.zeros(1, *image_shape)).shape[1:])
+
+
+def load_flower_pools(run_dir: Path, cfg: Config, names: list[str], labels: dict[str, np.ndarray],
+                      shape: tuple[int, ...], num_classes: int) -> tuple[dict[str, Pool], str]:
+    """Validated pools of a ``flwr run sim/`` results directory, and a digest of their contents.
+
+    The directory must come from this config's Step 1 (same ArtefactStore key, hence the same φ1
+    and shards): a pool made with another φ1 would train the decider on meaningless features.
+    """
+    if not (run_dir / "config.json").is_file():
+        raise PoolError(f"{run_dir} is not a Flower results directory (no config.json)")
+    key = ArtefactStore(cfg).key
+    pools, digest = {}, hashlib.sha1()
+    for name in names:
+        path = run_dir / "artefacts" / "pools" / f"{name}.pt"
+        pool, meta = load_pool(path)
+        theirs = meta.get("store_key")
+        if theirs != key:
+            raise PoolError(f"{run_dir} was made with other Step 1 settings (store key {theirs}, this config "
+                            f"has {key}): its pool {path.name} comes from another φ1; rerun with its config")
+        validate_pool(str(path), pool, shape, num_classes)
+        if len(pool) != len(labels[name]) or not np.array_equal(pool.labels, labels[name]):
+            raise PoolError(f"pool {path}: its {len(pool)} labels do not match shard {name} "
+                            f"({len(labels[name])} images) of this config")
+        digest.update(path.read_bytes())
+        pools[name] = pool
+    return pools, digest.hexdigest()[:10]
+
+
+# --- one row -----------------------------------------------------------------------------------------
+
+
+def _finish(scores: dict[str, float], n_train: int, t0: float) -> dict:
+    return {**scores, "n_train": n_train, "seconds": time.time() - t0}
+
+
+def raw_row(row: Row, seed: int, cfg: Config, images: np.ndarray, labels: np.ndarray, idx: np.ndarray | None,
+            test_images: np.ndarray, test_labels: np.ndarray, num_classes: int, threads: int = 0) -> dict:
+    """Rows 1-5: a backbone trained from scratch on raw images (``idx`` picks a shard of S)."""
+    t0 = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    x, y = (images, labels) if idx is None else (images[idx], labels[idx])
+    model = build_backbone(cfg.backbone.name, num_classes, x.shape[1])
+    recipe = dataclasses.replace(cfg.pretrain, epochs=raw_epochs(row, cfg))
+    pretrain(model, x, y, recipe, seed=seed)
+    return _finish(evaluate_classifier(model, test_images, test_labels), len(y), t0)
+
+
+def phi_row(backbone: Backbone, test_images: np.ndarray, test_labels: np.ndarray, n_train: int,
+            threads: int = 0) -> dict:
+    """Row 1 at the first seed: Φ is already E1's model on its own raw images, so only evaluate it."""
+    t0 = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    return _finish(evaluate_classifier(backbone, test_images, test_labels), n_train, t0)
+
+
+def _phi2(cfg: Config, backbone: Backbone) -> nn.Module:
+    """A trainable copy of Φ's decider: every row starts from the same φ2."""
+    return copy.deepcopy(backbone).split(cfg.backbone.hook)[1]
+
+
+def feature_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
+                test_features: torch.Tensor, test_labels: np.ndarray, *parts: Pool, threads: int = 0) -> dict:
+    """Rows 6-12 and ``all4``: refine Φ's φ2 on the union of the row's features and pools."""
+    t0 = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    data = Pool.union(list(parts))
+    phi2 = _phi2(cfg, backbone)
+    train_decider(phi2, data.features, data.labels, cfg.decider, seed=seed, what=f"row {row.id} decider")
+    return _finish(evaluate_classifier(phi2, test_features, test_labels), len(data), t0)
+
+
+def fedavg(phi2: nn.Module, clients: list[Pool], cfg: Config, seed: int) -> nn.Module:
+    """Flower's FedAvg of φ2: each client refines it on its own features, the server averages.
+
+    Flower's own strategy does the aggregation in-process (no SuperLink): weights by example
+    count, exactly as a ``flwr run`` would, so the row measures FedAvg and not our rewrite of it.
+    """
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvg
+
+    strategy = FedAvg(fit_metrics_aggregation_fn=lambda metrics: {})
+    local_cfg = dataclasses.replace(cfg.decider, epochs=cfg.table5.fedavg_local_epochs)
+    state = phi2.state_dict()
+    for rnd in range(1, cfg.table5.fedavg_rounds + 1):
+        results = []
+        for k, pool in enumerate(clients):
+            local = copy.deepcopy(phi2)
+            train_decider(local, pool.features, pool.labels, local_cfg, seed=seed + 1000 * rnd + k,
+                          what=f"fedavg round {rnd} client {k + 1}")
+            arrays = [v.detach().numpy() for v in local.state_dict().values()]
+            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), len(pool), {})))
+        params, _ = strategy.aggregate_fit(rnd, results, [])
+        averaged = zip(state.items(), parameters_to_ndarrays(params), strict=True)
+        phi2.load_state_dict({k: torch.as_tensor(a).to(v.dtype) for (k, v), a in averaged})
+    return phi2
+
+
+def fedavg_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
+               test_features: torch.Tensor, test_labels: np.ndarray, *clients: Pool, threads: int = 0) -> dict:
+    """The extra FedAvg row: E1..E4 federate φ2 on their own unpoisoned features."""
+    t0 = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    phi2 = fedavg(_phi2(cfg, backbone), list(clients), cfg, seed)
+    return _finish(evaluate_classifier(phi2, test_features, test_labels), sum(len(c) for c in clients), t0)
