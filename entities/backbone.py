@@ -94,6 +94,24 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3, width: int 
     return Backbone(layers)
 
 
+def cifar_vgg11(num_classes: int, in_channels: int = 3, width: int = 32) -> Backbone:
+    """VGG-11 with batch norm for 32-pixel images at half width (32..256 channels): a non-residual
+    network of about ResNet-20's cost, for MDP's transferability table. Stages carry the VGG paper's
+    names (``conv3_2`` = second convolution of block 3); blocks 2-5 start with their 2x2 max pool."""
+    plan = [("conv1_1", 1), ("conv2_1", 2), ("conv3_1", 4), ("conv3_2", 4),
+            ("conv4_1", 8), ("conv4_2", 8), ("conv5_1", 8), ("conv5_2", 8)]
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    planes = in_channels
+    for name, mult in plan:
+        pool = [nn.MaxPool2d(2)] if name.endswith("_1") and name != "conv1_1" else []
+        out = width * mult
+        layers[name] = nn.Sequential(*pool, nn.Conv2d(planes, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out),
+                                     nn.ReLU(inplace=True))
+        planes = out
+    layers["head"] = Head(planes, num_classes)
+    return Backbone(layers)
+
+
 def torchvision_resnet(name: str, num_classes: int) -> Backbone:
     """torchvision's ResNet-18/50/101 (random init, no download) renamed to the paper's hook points."""
     from torchvision import models
@@ -115,6 +133,7 @@ BACKBONES = {
     "resnet20": lambda k, c: cifar_resnet(20, k, c),
     "resnet32": lambda k, c: cifar_resnet(32, k, c),
     "resnet56": lambda k, c: cifar_resnet(56, k, c),
+    "vgg11-half": lambda k, c: cifar_vgg11(k, c),
     "resnet18": lambda k, c: torchvision_resnet("resnet18", k),
     "resnet50": lambda k, c: torchvision_resnet("resnet50", k),
     "resnet101": lambda k, c: torchvision_resnet("resnet101", k),

@@ -73,9 +73,28 @@ class DPMConfig:
 class Table5Config:
     """The Table 5 grid's own budget: raw-image rows train full backbones, the costly part on a CPU."""
 
-    all_epochs: int = 4  # row 5 (all of S); rows 1-4 use [pretrain], the recipe E1 pretrained Φ with
+    all_epochs: int = 3  # row 5 (all of S); rows 1-4 use [pretrain], the recipe E1 pretrained Φ with
     fedavg_rounds: int = 5  # the extra FedAvg row: rounds x local epochs ≈ [decider] epochs
     fedavg_local_epochs: int = 3
+
+
+@dataclass
+class MDPConfig:
+    """Mapping Distortion Protection (entities/mdp.py): PGD settings and the AugMDP size T.
+
+    Step size and ε are in 8-bit intensity levels (1/255 of the [0, 1] range); see entities/mdp.py
+    for why the paper's "step size 0.1" is read that way.
+    """
+
+    steps: int = 100  # PGD iterations: the paper uses 100 for CIFAR-10 and 40 for faces
+    step_size: float = 0.1  # ℓ∞ step per iteration, in 8-bit levels
+    p: float = 2.0  # norm of the feature distance ||f(x_m) - f(x_t)||_p
+    layer: str = "penultimate"  # "penultimate", "logits" or a hook point such as "conv4_1"
+    epsilon: float = 0.0  # ℓ∞ ball around x_s in 8-bit levels; 0 = no projection (the paper)
+    rounds: int = 2  # T of AugMDP(T)
+    batch_size: int = 128
+    image_size: int = 0  # resize images to this many pixels (0 = the loader's size), for CPU scale
+    transfer: list[str] = field(default_factory=list)  # Table 2: backbones trained on the MDP set
 
 
 @dataclass
@@ -87,6 +106,7 @@ class Config:
     reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
     dpm: DPMConfig = field(default_factory=DPMConfig)
     decider: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, augment=False))
+    mdp: MDPConfig = field(default_factory=MDPConfig)
     table5: Table5Config = field(default_factory=Table5Config)
     results_root: str = ""  # empty: the project's results/
     threads: int = 0  # torch threads per process (0 = torch's default)

@@ -135,12 +135,15 @@ class RowStore:
         path = self.path(row, seed, key)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def put(self, row: Row, seed: int, key: str, result: dict) -> None:
+    def put(self, row: Row, seed: int, key: str, result: dict) -> dict:
+        """Write atomically (a kill never leaves half a row) and return the record as stored."""
+        record = {**result, "row": row.id, "seed": seed, "key": key}
         path = self.path(row, seed, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**result, "row": row.id, "seed": seed, "key": key}, indent=2))
+        tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(path)
+        return record
 
 
 # --- the inputs every feature row shares, produced once --------------------------------------------

@@ -40,8 +40,12 @@ def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def image_grid(columns: dict[str, torch.Tensor], path: Path, row_labels: list[str] | None = None) -> Path:
-    """A PNG with one titled column per entry, images as float CHW in [0, 1], one row per image."""
+def image_grid(columns: dict[str, torch.Tensor], path: Path, row_labels: list[str] | None = None,
+               captions: dict[str, list[str]] | None = None) -> Path:
+    """A PNG with one titled column per entry, images as float CHW in [0, 1], one row per image.
+
+    ``captions`` optionally puts a line of text under each image of a column (e.g. its labels).
+    """
     names = list(columns)
     n = len(columns[names[0]])
     fig, axes = plt.subplots(n, len(names), figsize=(1.4 * len(names), 1.4 * n), squeeze=False)
@@ -55,6 +59,8 @@ def image_grid(columns: dict[str, torch.Tensor], path: Path, row_labels: list[st
             ax.set_yticks([])
             if j == 0 and row_labels:
                 ax.set_ylabel(row_labels[i], fontsize=6)
+            if captions and name in captions:
+                ax.set_xlabel(captions[name][i], fontsize=5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)

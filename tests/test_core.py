@@ -1,0 +1,120 @@
+"""Unit tests of the core library: split identity, shapes, registries, metrics, shards, configs, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entities.backbone import build_backbone
+from entities.config import load_config, parse_overrides
+from entities.dpm import DeepPoisoningModule, ssim_privacy_loss
+from entities.metrics import l1_per_image, psnr_per_image, ssim_per_image, topk_correct
+from entities.reconstructors import RECONSTRUCTORS, build_reconstructor
+from entities.train import fit
+
+
+@pytest.mark.parametrize("name,size,hook", [("resnet20", 32, "conv4_1"), ("resnet32", 32, "conv3_2"),
+                                            ("resnet18", 64, "conv4_1")])
+def test_split_identity(name, size, hook):
+    torch.manual_seed(0)
+    model = build_backbone(name, 5).eval()
+    x = torch.rand(4, 3, size, size)
+    phi1, phi2 = model.split(hook)
+    with torch.no_grad():
+        assert torch.allclose(phi2(phi1(x)), model(x), atol=1e-5)
+
+
+def test_conv4_1_feature_shape_matches_paper_stage():
+    model = build_backbone("resnet20", 5).eval()
+    phi1, _ = model.split("conv4_1")
+    assert phi1(torch.rand(2, 3, 32, 32)).shape == (2, 64, 8, 8)
+    # torchvision ResNet at 224 px: conv4_1 gives the paper's 14x14 maps.
+    phi1, _ = build_backbone("resnet18", 5).eval().split("conv4_1")
+    assert phi1(torch.rand(1, 3, 224, 224)).shape[-2:] == (14, 14)
+
+
+def test_unknown_hook_and_backbone_list_the_valid_names():
+    model = build_backbone("resnet20", 5)
+    with pytest.raises(ValueError, match="conv4_1"):
+        model.split("conv9_9")
+    with pytest.raises(ValueError, match="resnet20"):
+        build_backbone("alexnet", 5)
+
+
+@pytest.mark.parametrize("name", sorted(RECONSTRUCTORS))
+def test_every_reconstructor_maps_features_to_images_in_unit_range(name):
+    psi = build_reconstructor(name, (64, 8, 8), (3, 32, 32)).eval()
+    out = psi(torch.randn(3, 64, 8, 8))
+    assert out.shape == (3, 3, 32, 32)
+    assert out.min() >= 0 and out.max() <= 1
+    if not RECONSTRUCTORS[name].clamp:  # min-max normalisation spans [0, 1] per image
+        assert torch.allclose(out.flatten(1).amax(1), torch.ones(3), atol=1e-4)
+
+
+def test_reconstructor_registry_has_the_papers_six_and_rejects_others():
+    assert set(RECONSTRUCTORS) == {"px2s2", "px4s2", "rx2s2", "rx4s2", "rx4s4", "rx2s2_c"}
+    with pytest.raises(ValueError, match="px2s2"):
+        build_reconstructor("gan", (64, 8, 8), (3, 32, 32))
+    with pytest.raises(ValueError, match="cannot upscale"):
+        build_reconstructor("rx4s4", (64, 16, 16), (3, 32, 32))
+
+
+def test_dpm_keeps_shape_and_rejects_other_features():
+    dpm = DeepPoisoningModule(64, blocks=4)
+    f = torch.randn(2, 64, 8, 8)
+    assert dpm(f).shape == f.shape
+    with pytest.raises(ValueError, match="64-channel"):
+        dpm(torch.randn(2, 32, 16, 16))
+
+
+def test_ssim_sanity():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(ssim_per_image(x, x), torch.ones(4), atol=1e-5)
+    smooth = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    assert (ssim_per_image(1 - smooth, smooth) < 0).all()  # a negative is anti-correlated structure
+    noise = torch.rand(4, 3, 32, 32)
+    assert ssim_per_image(noise, x).abs().max() < 0.1
+    assert torch.allclose(l1_per_image(x, x), torch.zeros(4))
+    assert (psnr_per_image(x, x) == 100).all()
+    assert torch.allclose(psnr_per_image(x, (x + 0.1)), torch.full((4,), 20.0), atol=0.01)
+
+
+def test_privacy_loss_is_zero_only_when_both_direct_and_inverted_ssim_are_not_positive():
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(4, 3, 32, 32), 3, 1, 1)
+    assert ssim_privacy_loss(x, x) > 0.9  # a perfect reconstruction costs the most
+    assert ssim_privacy_loss(1 - x, x) > 0.9  # and so does its photographic negative
+    assert ssim_privacy_loss(torch.rand(4, 3, 32, 32), x) < 0.1
+
+
+def test_topk_correct_caps_k_at_class_count():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05]])
+    y = torch.tensor([1, 2])
+    assert topk_correct(logits, y, 1).tolist() == [True, False]
+    assert topk_correct(logits, y, 5).tolist() == [True, True]
+
+
+def test_nan_loss_names_what_and_where():
+    w = torch.nn.Parameter(torch.ones(1))
+
+    def step(idx):
+        return w * float("nan"), {}
+
+    with pytest.raises(FloatingPointError, match=r"E2 dpm: .* epoch 1, batch 1/"):
+        fit([w], step, n=10, epochs=1, batch_size=5, lr=0.1, what="E2 dpm")
+
+
+def test_config_presets_overrides_and_errors():
+    cfg = load_config("default")
+    assert cfg.backbone.hook == "conv4_1" and cfg.dpm.lam == 1.0
+    tiny = load_config("tiny", parse_overrides(["dpm.lam=0.5", "data.task_classes=[1,2]", "data.seed=3"]))
+    assert tiny.dpm.lam == 0.5 and tiny.data.task_classes == [1, 2] and tiny.data.seed == 3
+    assert tiny.data.max_task_train < cfg.data.max_task_train  # extends default, changes a few values
+    assert tiny.digest("dpm") != cfg.digest("dpm")
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_config("default", {"dpm.lambda": 1})
+    with pytest.raises(ValueError, match="known presets"):
+        load_config("no-such-preset")
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_overrides(["lam"])
