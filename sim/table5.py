@@ -180,8 +180,7 @@ def run_grid(cfg: Config, rows: list[Row], seeds: list[int], executor, run_dir: 
             failures.append((f"row {row.id} seed {seed}", err))
             log.error("row %s seed %d failed: %s", row.id, seed, err)
             continue
-        store.put(row, seed, key, result)
-        run.results[(row.id, seed)] = result
+        run.results[(row.id, seed)] = store.put(row, seed, key, result)
         run.computed.append((row.id, seed))
         log.info("row %s seed %d: top-1 %.1f top-5 %.1f (%.0fs) [%d/%d done]", row.id, seed, result["top1"],
                  result["top5"], result["seconds"], len(run.computed), len(todo))

@@ -1,0 +1,191 @@
+"""`python -m sim.table5` on the table5-tiny preset: the grid, its resume logic, bad input, Ray.
+
+One sequential grid (real CIFAR-10 images when the shared archive is present, else scikit-learn's
+digits) is computed once per session; the other tests reuse its Step 1 artefacts and rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sim.table5 as table5
+from entities.backbone import build_backbone
+from entities.config import load_config
+from entities.data import DataError, find_archive
+from entities.entity import Pool
+from entities.grid import ROW_IDS, fedavg, prepare
+from entities.pipeline import ArtefactStore, entity_shards, load_task
+from entities.pools import PoolError, save_pool
+from entities.train import train_decider
+
+try:
+    find_archive("cifar10")
+    DATA = []
+except DataError:
+    DATA = ["data.dataset=digits"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("table5")
+
+
+def settings(root, *extra: str) -> list[str]:
+    return ["--config", "table5-tiny", "--set", f"results_root={root}", "threads=1", *DATA, *extra]
+
+
+def cfg_of(root, *extra: str):
+    return load_config("table5-tiny", {"results_root": str(root), "threads": "1",
+                                       **dict(s.split("=", 1) for s in [*DATA, *extra])})
+
+
+@pytest.fixture(scope="module")
+def grid(root):
+    """The whole grid once, sequentially: every later test builds on its stored rows."""
+    run = table5.main(["--sequential", *settings(root)])
+    return run, root / "table5" / "table5-tiny"
+
+
+def test_grid_writes_every_row_beside_the_paper(grid, root):
+    run, run_dir = grid
+    assert sorted(run.computed) == sorted((r, 0) for r in ROW_IDS)
+    table = pd.read_csv(run_dir / "table5.csv", dtype={"row": str})
+    assert list(table["row"]) == list(ROW_IDS)
+    assert table["top-1"].between(0, 100).all() and table["top-5"].between(0, 100).all()
+    assert table.loc[:11, "paper top-1"].notna().all() and table.loc[12:, "paper top-1"].isna().all()
+    # each row trains on exactly the union the paper lists
+    cfg = cfg_of(root)
+    n = {k: len(v) for k, v in entity_shards(cfg, load_task(cfg)).items()}
+    size = dict(zip(table["row"], table["train size"], strict=True))
+    assert [size[r] for r in "1234"] == [n["E1"], n["E2"], n["E3"], n["E4"]]
+    assert size["5"] == len(load_task(cfg).S.train_labels)
+    assert size["6"] == size["7"] == size["8"] == n["E1"] + n["E2"]
+    assert size["10"] == n["E1"] + n["E2"] + 2 * n["E3"]
+    assert size["12"] == size["all4"] == size["fedavg"] == sum(n.values())
+    md = (run_dir / "table5.md").read_text()
+    assert "P1(ϕ1(S1)) ∪ P2(ϕ1(S2)) ∪ P3(ϕ1(S3)) ∪ ϕ1(S3)" in md and "row 12 − row 4" in md
+    assert 0 < (run_dir / "table5.png").stat().st_size < 1_000_000
+    pools = pd.read_csv(run_dir / "pools.csv")
+    assert list(pools["entity"]) == ["E1", "E2", "E3", "E4"] and pools["ssim_pool"].notna().all()
+
+
+def test_rerun_reuses_every_finished_row(grid, root):
+    again = table5.main(["--sequential", *settings(root)])
+    assert again.computed == [] and len(again.reused) == len(ROW_IDS)
+    assert again.results == grid[0].results
+
+
+def test_changed_setting_recomputes_only_rows_it_affects(grid, root):
+    run = table5.main(["--sequential", "--rows", "4", "6", *settings(root, "decider.epochs=1")])
+    assert run.computed == [("6", 0)] and run.reused == [("4", 0)]  # raw row 4 has no decider
+    assert run.results[("6", 0)]["key"] != grid[0].results[("6", 0)]["key"]
+
+
+def test_killed_run_keeps_finished_rows_and_resumes(grid, root, monkeypatch):
+    fresh = settings(root, "decider.epochs=2")
+    real = table5.feature_row
+
+    def dies_on_row_8(row, *args, **kwargs):
+        if row.id == "8":
+            raise FloatingPointError("row 8 decider: loss became nan")
+        return real(row, *args, **kwargs)
+
+    monkeypatch.setattr(table5, "feature_row", dies_on_row_8)
+    with pytest.raises(table5.GridError, match="row 8 seed 0 failed"):
+        table5.main(["--sequential", "--rows", "7", "8", *fresh])
+    monkeypatch.setattr(table5, "feature_row", real)
+    resumed = table5.main(["--sequential", "--rows", "7", "8", *fresh])
+    assert resumed.computed == [("8", 0)] and resumed.reused == [("7", 0)]
+
+
+def test_seeds_give_mean_and_spread(grid, root):
+    run = table5.main(["--sequential", "--rows", "4", "--seeds", "2", *settings(root)])
+    assert run.reused == [("4", 0)] and run.computed == [("4", 1)]
+    table = pd.read_csv(root / "table5" / "table5-tiny" / "table5.csv")
+    top1 = [run.results[("4", s)]["top1"] for s in (0, 1)]
+    assert table["top-1"][0] == pytest.approx(np.mean(top1))
+    assert table["top-1 sd"][0] == pytest.approx(np.std(top1, ddof=1))
+
+
+def test_unknown_row_id_is_named(grid, root):
+    with pytest.raises(ValueError, match="'13'"):
+        table5.main(["--sequential", "--rows", "7", "13", *settings(root)])
+
+
+def flower_dir(root, name: str, cfg, pools: dict[str, Pool], store_key: str):
+    out = root / "flower" / name
+    (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"store_key": store_key}))
+    for entity, pool in pools.items():
+        save_pool(pool, out / "artefacts" / "pools" / f"{entity}.pt", {"store_key": store_key, "entity": entity})
+    return out
+
+
+def test_pools_from_a_flower_run(grid, root):
+    cfg = cfg_of(root)
+    inputs = prepare(cfg)  # Step 1 and the DPMs are stored already: only featurizing runs
+    good = flower_dir(root, "good", cfg, inputs.pools, ArtefactStore(cfg).key)
+    run = table5.main(["--sequential", "--rows", "6", "7", "--from-flower", str(good), *settings(root)])
+    # row 6 has no pools, so it is the stored one; row 7 is keyed by the pools' contents
+    assert run.reused == [("6", 0)] and run.computed == [("7", 0)]
+    assert run.results[("7", 0)]["top1"] == pytest.approx(grid[0].results[("7", 0)]["top1"], abs=2.0)
+
+    other = flower_dir(root, "other-config", cfg, inputs.pools, "0123456789")
+    with pytest.raises(PoolError, match="other-config.*store key 0123456789"):
+        table5.main(["--sequential", "--rows", "7", "--from-flower", str(other), *settings(root)])
+
+    broken = copy.deepcopy(inputs.pools)
+    broken["E2"].features[0, 0, 0, 0] = float("nan")
+    bad = flower_dir(root, "nan-pool", cfg, broken, ArtefactStore(cfg).key)
+    before = sorted((root / "table5" / "table5-tiny" / "rows").iterdir())
+    with pytest.raises(PoolError, match=r"nan-pool/artefacts/pools/E2\.pt.*non-finite"):
+        table5.main(["--sequential", "--from-flower", str(bad), *settings(root)])
+    assert sorted((root / "table5" / "table5-tiny" / "rows").iterdir()) == before
+
+    shutil.rmtree(good / "artefacts")
+    with pytest.raises(PoolError, match="E1.pt does not exist"):
+        table5.main(["--sequential", "--rows", "9", "--from-flower", str(good), *settings(root)])
+
+
+def test_dirichlet_partition_is_its_own_run(grid, root):
+    run = table5.main(["--sequential", "--rows", "4", "--partition", "dirichlet", "--alpha", "0.3", *settings(root)])
+    assert run.computed == [("4", 0)]
+    saved = json.loads((root / "table5" / "table5-tiny-dirichlet0.3" / "config.json").read_text())
+    assert saved["data"]["partition"] == "dirichlet" and saved["data"]["alpha"] == 0.3
+
+
+def test_fedavg_is_flowers_example_weighted_mean():
+    cfg = load_config("table5-tiny", {"table5.fedavg_rounds": 1, "table5.fedavg_local_epochs": 1})
+    phi2 = build_backbone("resnet20", 5).split("conv4_1")[1]
+    gen = torch.Generator().manual_seed(0)
+    clients = [Pool(torch.randn(n, 64, 8, 8, generator=gen), np.arange(n) % 5) for n in (40, 120)]
+    expected = []
+    for k, pool in enumerate(clients):
+        local = copy.deepcopy(phi2)
+        train_decider(local, pool.features, pool.labels, dataclasses.replace(cfg.decider, epochs=1), seed=1007 + k)
+        expected.append(local.state_dict())
+    merged = fedavg(copy.deepcopy(phi2), clients, cfg, seed=7).state_dict()
+    for name, value in merged.items():
+        if value.is_floating_point():
+            want = (40 * expected[0][name] + 120 * expected[1][name]) / 160
+            torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged["head.fc.weight"], expected[0]["head.fc.weight"])
+
+
+def test_ray_runs_rows_as_tasks(grid, root, monkeypatch):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    run = table5.main(["--rows", "4", "6", "fedavg", "--no-dashboard", "--num-cpus", "2",
+                       *settings(root, "decider.epochs=2", "table5.fedavg_rounds=1")])
+    assert sorted(run.computed) == [("6", 0), ("fedavg", 0)] and run.reused == [("4", 0)]
+    assert all(0 <= r["top1"] <= 100 for r in run.results.values())
+    import ray
+
+    assert not ray.is_initialized()  # the command shuts its Ray instance down
