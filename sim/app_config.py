@@ -1,0 +1,62 @@
+"""Settings of the Flower app: the run config names a preset in ``configs/`` plus overrides.
+
+``flwr run sim/ --run-config 'preset="collab-tiny" overrides="dpm.lam=0.5 decider.epochs=3"'`` means
+the same as ``--config collab-tiny --set dpm.lam=0.5 decider.epochs=3`` for the ``python -m sim.*``
+commands: both go through :func:`entities.config.load_config`. Flower only accepts run-config keys
+that the app declares, so dotted settings travel inside the one ``overrides`` string.
+
+The ServerApp runs in whatever directory the SuperLink was started from, so every path is made
+absolute here, relative to the project root.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import UserConfig
+
+from entities.config import Config, load_config, parse_overrides
+from entities.data import PROJECT_ROOT
+
+
+def setup_app_logging() -> None:
+    """Show poisonpool's INFO lines in the Flower processes.
+
+    Only our logger gets a handler: configuring the root logger would also print Flower's DEBUG
+    lines and every HTTP request of the SuperLink client.
+    """
+    logger = logging.getLogger("poisonpool")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path)
+
+
+def config_from_run_config(run_config: UserConfig) -> Config:
+    """The Config of a Flower run (``preset``, ``overrides``, ``results-root``, ``data-root``)."""
+    overrides = parse_overrides(str(run_config.get("overrides", "")).split())
+    if run_config.get("results-root"):
+        overrides["results_root"] = str(run_config["results-root"])
+    if run_config.get("data-root"):
+        overrides["data.data_root"] = str(run_config["data-root"])
+    cfg = load_config(str(run_config.get("preset", "collab")), overrides)
+    if cfg.results_root:
+        cfg.results_root = _absolute(cfg.results_root)
+    if cfg.data.data_root:
+        cfg.data.data_root = _absolute(cfg.data.data_root)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+def run_dir(cfg: Config, run_config: UserConfig) -> Path:
+    """``<results>/flower/<run-name>``; the run name defaults to the preset's name."""
+    return cfg.results_dir() / "flower" / str(run_config.get("run-name") or cfg.name)

@@ -1,0 +1,89 @@
+"""A record of every message the ServerApp sends and receives, to show what crosses between entities.
+
+:class:`AuditedGrid` wraps the run's Grid and notes, for each message, every item of every record:
+arrays by name, dtype, shape, size and a SHA-256 of their values; metrics and configs by value;
+errors by reason. The server writes the rows to ``messages.csv`` beside the results, so anyone can
+check that only the shared modules, poisoned features, labels and metrics travelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+AUDIT_COLUMNS = ["direction", "message_type", "node_id", "record", "kind", "item", "dtype", "shape", "bytes",
+                 "sha256", "value"]
+
+
+def array_digest(values: np.ndarray) -> str:
+    """SHA-256 of an array's values (C order), comparable with any tensor's ``.numpy()``."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def message_rows(msg: Message, direction: str) -> list[dict]:
+    """One row per array, metric, config entry or error in a message."""
+    node = msg.metadata.dst_node_id if direction == "sent" else msg.metadata.src_node_id
+    base = {"direction": direction, "message_type": msg.metadata.message_type, "node_id": node}
+    if msg.has_error():
+        return [{**base, "kind": "error", "value": msg.error.reason}]
+    rows = []
+    for record_name, record in msg.content.items():
+        if record_name in msg.content.array_records:
+            for item, array in record.items():
+                values = array.numpy()
+                rows.append({**base, "record": record_name, "kind": "array", "item": item, "dtype": array.dtype,
+                             "shape": "x".join(map(str, array.shape)), "bytes": values.nbytes,
+                             "sha256": array_digest(values)})
+        else:
+            kind = "metric" if record_name in msg.content.metric_records else "config"
+            rows += [{**base, "record": record_name, "kind": kind, "item": k, "value": v} for k, v in record.items()]
+    return rows or [{**base, "kind": "empty"}]
+
+
+class AuditedGrid(Grid):
+    """A Grid that records each message before passing it on to (or back from) the real one."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.rows: list[dict] = []
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def _record(self, messages: Iterable[Message], direction: str) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            self.rows += message_rows(msg, direction)
+        return messages
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(self._record(messages, "sent"))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._record(self.grid.pull_messages(message_ids), "received")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = self.grid.send_and_receive(self._record(messages, "sent"), timeout=timeout)
+        return self._record(replies, "received")
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(self.rows, columns=AUDIT_COLUMNS).to_csv(path, index=False)
+        return path

@@ -1,0 +1,127 @@
+"""The ClientApp: one SuperNode is one entity, E1..En by its ``partition-id``, with its own shard.
+
+It answers the four messages of :mod:`strategies.pool_exchange`. Its images never leave it, and
+neither does its DPM: the DPM is written only to the entity's private store and the replies carry
+the shared modules (from the pretrainer only), the poisoned pool, labels and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from entities.config import Config
+from entities.data import TaskSplit
+from entities.entity import Entity
+from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task, step1
+from entities.pools import validate_pool
+from entities.train import extract_features
+from sim.app_config import config_from_run_config, setup_app_logging
+from strategies.records import pack_pool, pack_shared, unpack_pool, unpack_shared
+
+app = ClientApp()
+
+
+@dataclass
+class Local:
+    """What one SuperNode holds: the settings, the task data, its entity and its seed."""
+
+    cfg: Config
+    split: TaskSplit
+    entity: Entity
+    seed: int
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.split.S.test_labels
+
+    def test_features(self, phi1: torch.nn.Module) -> torch.Tensor:
+        """φ1 of the common test split of S, on which every entity is scored."""
+        return extract_features(phi1, self.split.S.test_images)
+
+
+def local(context: Context) -> Local:
+    """The entity this node plays: partition-id k is entity E{k+1} and its shard of S."""
+    setup_app_logging()
+    cfg = config_from_run_config(context.run_config)
+    names = entity_names(cfg)
+    k = int(context.node_config.get("partition-id", -1))
+    if not 0 <= k < len(names):
+        raise ValueError(f"partition-id {k} has no entity: the settings define {len(names)} entities "
+                         f"({', '.join(names)}), one per data.shard_fractions; start the SuperNode with "
+                         f"--node-config 'partition-id=<0..{len(names) - 1}> num-partitions={len(names)}'")
+    split = load_task(cfg)
+    shard = entity_shards(cfg, split)[names[k]]
+    entity = Entity(names[k], split.S.train_images[shard], split.S.train_labels[shard], ArtefactStore(cfg))
+    return Local(cfg, split, entity, cfg.data.seed + k)
+
+
+def reply(msg: Message, metrics: dict[str, float], **records) -> Message:
+    content = RecordDict({**records, "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("entity")
+def introduce(msg: Message, context: Context) -> Message:
+    """Say which entity this node is and how many images it holds."""
+    here = local(context)
+    record = ConfigRecord({"name": here.entity.name, "num-examples": len(here.entity.labels)})
+    return Message(content=RecordDict({"entity": record}), reply_to=msg)
+
+
+@app.train("pretrain")
+def pretrain(msg: Message, context: Context) -> Message:
+    """Step 1 on the designated entity: Φ on its own shard, ψ on the public set Q."""
+    t0 = time.time()
+    here = local(context)
+    cfg = here.cfg
+    if here.entity.name != cfg.backbone.pretrain_on:
+        raise ValueError(f"{here.entity.name} was asked to pretrain, but backbone.pretrain_on is "
+                         f"{cfg.backbone.pretrain_on!r}")
+    shared = step1(cfg, here.split, here.entity.store)
+    feature_shape = list(here.test_features(shared.phi1).shape[1:])
+    metrics = {"num-examples": len(here.entity.labels), "pretrain_seconds": time.time() - t0}
+    return reply(msg, metrics, shared=pack_shared(shared), info=ConfigRecord({"feature-shape": feature_shape}))
+
+
+@app.train("pool")
+def share_pool(msg: Message, context: Context) -> Message:
+    """Step 2: train the private DPM, return the poisoned pool and the local metrics."""
+    t0 = time.time()
+    here = local(context)
+    entity = here.entity
+    shared = unpack_shared(msg.content["shared"], here.cfg, entity.images.shape[1:])
+    context.state["shared"] = msg.content["shared"]  # kept on this node for step 3
+    entity.train_dpm(shared, here.cfg, seed=here.seed)
+    metrics = entity.pool_metrics(shared, here.test_features(shared.phi1), here.test_labels)
+    metrics |= {"num-examples": len(entity.labels), "pool_seconds": time.time() - t0}
+    return reply(msg, metrics, pool=pack_pool(entity.poisoned_pool()))
+
+
+@app.train("refine")
+def refine(msg: Message, context: Context) -> Message:
+    """Step 3: refine φ2 on own features alone and with the received pools; score both on the test split."""
+    t0 = time.time()
+    here = local(context)
+    cfg, entity = here.cfg, here.entity
+    shared = unpack_shared(context.state["shared"], cfg, entity.images.shape[1:])
+    received = unpack_pool(msg.content["pool"])
+    test_features = here.test_features(shared.phi1)
+    validate_pool("received", received, tuple(test_features.shape[1:]), len(cfg.data.task_classes))
+    _, own = entity.refine(shared, [], cfg, test_features, here.test_labels, seed=here.seed)
+    _, refined = entity.refine(shared, [received], cfg, test_features, here.test_labels, seed=here.seed)
+    metrics = {
+        "num-examples": len(entity.labels),
+        "received_images": len(received),
+        "top1_own": own["top1"],
+        "top5_own": own["top5"],
+        "top1_refined": refined["top1"],
+        "top5_refined": refined["top5"],
+        "refine_seconds": time.time() - t0,
+    }
+    return reply(msg, metrics)

@@ -1,0 +1,106 @@
+"""The ServerApp: runs :class:`~strategies.pool_exchange.PoolExchange` and writes ``results/flower/<run>/``.
+
+The run directory holds ``config.json`` (settings, Flower run config, artefact key and digest),
+``summary.csv``/``summary.md`` (one row per entity), ``run.json`` (status, phases and durations,
+failures), ``messages.csv`` (every message that crossed, see :mod:`sim.audit`) and each validated
+pool as ``artefacts/pools/E{k}.pt`` for the Table 5 grid to reuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from entities.config import Config
+from entities.pipeline import ArtefactStore, entity_names
+from entities.pools import save_pool
+from entities.report import markdown_table, write_json, write_table
+from sim.app_config import config_from_run_config, run_dir, setup_app_logging
+from sim.audit import AuditedGrid
+from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
+
+log = logging.getLogger("poisonpool")
+
+app = ServerApp()
+
+# Per-entity columns of the summary, in the order of the three steps.
+COLUMNS = ["num-examples", "pool_bytes_per_image", "top1_original", "top1_poisoned", "ssim_pool",
+           "ssim_pool_inverted", "l1_pool", "received_images", "top1_own", "top5_own", "top1_refined",
+           "top5_refined", "pretrain_seconds", "pool_seconds", "refine_seconds"]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_app_logging()
+    t0 = time.time()
+    cfg = config_from_run_config(context.run_config)
+    out = run_dir(cfg, context.run_config)
+    log.info("Flower run %d, preset %s: results go to %s", context.run_id, cfg.name, out)
+    audited = AuditedGrid(grid)
+    strategy = PoolExchange(entity_names(cfg), cfg.backbone.pretrain_on, len(cfg.data.task_classes),
+                            node_wait=float(context.run_config.get("node-wait", 120)))
+    error = ""
+    try:
+        strategy.start(audited, timeout=float(context.run_config.get("timeout", 3600)))
+    except CollaborationError as err:
+        error = str(err)
+        raise
+    finally:
+        write_results(out, cfg, context, strategy.result, audited, error, time.time() - t0)
+
+
+def summary_frame(result: CollaborationResult) -> pd.DataFrame:
+    rows = []
+    for name, status in result.entities.items():
+        row = {"entity": name, "node_id": status.node_id, "status": status.failure or "ok", **status.metrics}
+        if name in result.pool_bytes:
+            row["pool_bytes_per_image"] = round(result.pool_bytes[name] / len(result.pools[name]))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df[["entity", "node_id", "status"] + [c for c in COLUMNS if c in df.columns]]
+
+
+def write_results(out: Path, cfg: Config, context: Context, result: CollaborationResult, audited: AuditedGrid,
+                  error: str, seconds: float) -> None:
+    """Everything the run produced, also when it stopped early (``error`` says why)."""
+    store_key = ArtefactStore(cfg).key
+    meta = {"store_key": store_key, "config_digest": cfg.digest(), "preset": cfg.name, "run_id": context.run_id}
+    write_json({**meta, "run_config": dict(context.run_config), "config": cfg.to_dict()}, out / "config.json")
+
+    pool_dir = out / "artefacts" / "pools"
+    for stale in pool_dir.glob("*.pt"):
+        stale.unlink()
+    for name, pool in result.pools.items():
+        save_pool(pool, pool_dir / f"{name}.pt", {**meta, "entity": name, "feature_shape": list(result.feature_shape)})
+
+    phases = pd.DataFrame(result.phases, columns=["phase", "seconds"])
+    failures = {n: s.failure for n, s in result.entities.items() if s.failure}
+    status = "failed" if error else "completed"
+    write_json({**meta, "status": status, "error": error, "seconds": seconds, "phases": result.phases,
+                "failures": failures, "feature_shape": list(result.feature_shape),
+                "nodes": {n: s.node_id for n, s in result.entities.items()}}, out / "run.json")
+    audited.write(out / "messages.csv")
+
+    df = summary_frame(result)
+    per_image = df["pool_bytes_per_image"].dropna() if "pool_bytes_per_image" in df else pd.Series(dtype=float)
+    notes = [
+        f"Flower run {context.run_id}: {status} in {seconds:.0f} s (preset `{cfg.name}`, config digest "
+        f"{cfg.digest()}, artefact key {store_key}).",
+        f"{'Error: ' + error if error else ''}",
+        f"Pool per shared image: {per_image.mean():,.0f} bytes (features {'x'.join(map(str, result.feature_shape))} "
+        f"float32 and an int64 label, as sent)." if len(per_image) else "",
+        "Columns: top1_original / top1_poisoned = the shared decider φ2 (pretrained by "
+        f"{cfg.backbone.pretrain_on}) on the original / the entity's poisoned test features, before any "
+        "refinement; ssim_pool = SSIM between ψ(pool) and the entity's own images (ssim_pool_inverted uses "
+        "1 - ψ); top1_own = φ2 refined on the entity's own φ1 features only; top1_refined / top5_refined = "
+        "φ2 refined on its own features plus the pools received from the other healthy entities. "
+        "Accuracies in % on the common test split of S.",
+        "Phases:\n\n" + markdown_table(phases, ".1f"),
+    ]
+    md = write_table(df, out, "summary", f"Flower collaboration: {cfg.name}", "\n\n".join(n for n in notes if n))
+    log.info("wrote %s (and config.json, run.json, messages.csv, %d pools)", md, len(result.pools))

@@ -1,0 +1,275 @@
+"""PoolExchange: a Flower strategy that exchanges poisoned feature pools instead of averaging weights.
+
+Deep Poisoning's collaboration (Sec. 3.1 and 4.3 of the paper) has three steps, and each is one
+round of messages here:
+
+1. ``train.pretrain`` goes to the designated entity only. It pretrains Φ on its own images, trains
+   ψ on the public set and returns the weights of φ1, φ2 and ψ: the only weights that ever travel.
+2. ``train.pool`` broadcasts those weights. Each entity trains its private DPM P_k (which never
+   leaves it) and returns its poisoned pool P_k(φ1(S_k)) with labels and local metrics. The
+   strategy validates every pool; an entity whose pool is malformed is left out and recorded.
+3. ``train.refine`` sends each entity the union of the *other* healthy entities' pools. Each
+   refines its decider φ2 on its own features plus what it received and reports top-1/top-5 on
+   the common test split.
+
+Before step 1 a ``query.entity`` round asks every SuperNode which entity it is, so the strategy
+can address the pretrainer and name entities in its results. Any entity that raises, times out or
+sends a bad pool is recorded in :attr:`PoolExchange.result` and the others carry on; fewer than
+``min_healthy`` healthy entities stop the run with :class:`CollaborationError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from entities.entity import Pool
+from entities.pools import validate_pool
+from strategies.records import pack_pool, unpack_pool
+
+log = logging.getLogger("poisonpool")
+
+INTRODUCE = "query.entity"
+PRETRAIN = "train.pretrain"
+SHARE_POOL = "train.pool"
+REFINE = "train.refine"
+STEPS = {1: PRETRAIN, 2: SHARE_POOL, 3: REFINE}
+
+
+class CollaborationError(RuntimeError):
+    """The collaboration cannot go on (no pretrainer, or fewer than two healthy entities)."""
+
+
+@dataclass
+class EntityStatus:
+    """What the server knows about one entity: its node, the metrics it reported, why it failed."""
+
+    name: str
+    node_id: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.node_id is not None and not self.failure
+
+
+@dataclass
+class CollaborationResult:
+    """Everything a run produced on the server side, filled in as the rounds go."""
+
+    entities: dict[str, EntityStatus]
+    shared: ArrayRecord = field(default_factory=ArrayRecord)
+    pools: dict[str, Pool] = field(default_factory=dict)
+    pool_bytes: dict[str, int] = field(default_factory=dict)
+    feature_shape: tuple[int, ...] = ()
+    phases: list[tuple[str, float]] = field(default_factory=list)
+
+    def healthy(self) -> list[str]:
+        return [n for n, s in self.entities.items() if s.healthy]
+
+
+class PoolExchange(Strategy):
+    """Drive pretraining, pool sharing and decider refinement across the entities' SuperNodes.
+
+    Parameters
+    ----------
+    entities : list[str]
+        The entity names (E1..En), one per SuperNode, in partition-id order.
+    pretrain_on : str
+        The entity that pretrains Φ and trains ψ (step 1).
+    num_classes : int
+        Number of task classes; pool labels must lie in ``[0, num_classes)``.
+    min_healthy : int (default: 2)
+        Fewest healthy entities with which exchanging pools still makes sense.
+    node_wait : float (default: 120)
+        Seconds to wait for all SuperNodes to register before starting.
+    """
+
+    def __init__(self, entities: list[str], pretrain_on: str, num_classes: int, min_healthy: int = 2,
+                 node_wait: float = 120.0) -> None:
+        if pretrain_on not in entities:
+            raise ValueError(f"pretrain_on={pretrain_on!r} must be one of the entities {entities}")
+        self.entities = list(entities)
+        self.pretrain_on = pretrain_on
+        self.num_classes = num_classes
+        self.min_healthy = min_healthy
+        self.node_wait = node_wait
+        self.result = CollaborationResult({n: EntityStatus(n) for n in entities})
+        self._sent: dict[int, str] = {}  # node id -> entity of the messages in flight
+
+    def summary(self) -> None:
+        log.info("PoolExchange: entities %s, pretraining on %s, %d classes, at least %d healthy entities",
+                 ", ".join(self.entities), self.pretrain_on, self.num_classes, self.min_healthy)
+
+    # --- the three steps as train rounds -------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        """Round 1: the pretrainer alone; round 2: the shared modules to all; round 3: others' pools.
+
+        Every node gets a fresh RecordDict, so no two messages share a payload object.
+        """
+        config["server-round"] = server_round
+        status = self.result.entities
+        targets = [self.pretrain_on] if server_round == 1 else self.result.healthy()
+        self._sent = {status[n].node_id: n for n in targets}
+        messages = []
+        for name in targets:
+            content = RecordDict({"config": ConfigRecord(dict(config))})
+            if server_round == 2:
+                content["shared"] = arrays
+            elif server_round == 3:
+                content["pool"] = pack_pool(Pool.union([self.result.pools[o] for o in targets if o != name]))
+            messages.append(Message(content=content, dst_node_id=status[name].node_id,
+                                    message_type=STEPS[server_round]))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record each entity's metrics (and validate its pool in round 2); failures are recorded.
+
+        Returns the shared modules (round 1 only) and the metrics averaged over the entities that
+        answered, weighted by their number of images.
+        """
+        arrays = None
+        answered = []
+        for name, content in self._replies(server_round, replies):
+            try:
+                metrics = content["metrics"]
+                if "num-examples" not in metrics:
+                    raise KeyError("its metrics lack num-examples")
+                if server_round == 1:
+                    arrays = content["shared"]
+                    self.result.shared = arrays
+                    self.result.feature_shape = tuple(int(d) for d in content["info"]["feature-shape"])
+                elif server_round == 2:
+                    pool = unpack_pool(content["pool"])
+                    validate_pool(name, pool, self.result.feature_shape, self.num_classes)
+                    self.result.pools[name] = pool
+                    self.result.pool_bytes[name] = content["pool"].count_bytes()
+            except (KeyError, TypeError, ValueError) as err:  # PoolError is a ValueError
+                self._fail(name, server_round, f"rejected reply: {err}")
+                continue
+            self.result.entities[name].metrics.update(metrics)
+            answered.append(RecordDict({"metrics": metrics}))
+        return arrays, aggregate_metricrecords(answered, "num-examples") if answered else None
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        """No separate evaluation round: each entity scores its refined decider inside step 3."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    # --- driving the rounds ---------------------------------------------------------------------
+
+    def start(self, grid: Grid, timeout: float = 3600.0, train_config: ConfigRecord | None = None
+              ) -> CollaborationResult:
+        """Run the introduction round and the three steps; return what the server collected.
+
+        Raises :class:`CollaborationError` when the pretrainer fails or fewer than
+        ``min_healthy`` entities remain; :attr:`result` still holds everything recorded so far.
+        """
+        self.summary()
+        config = train_config if train_config is not None else ConfigRecord()
+        with self._phase("connect: wait for SuperNodes and ask which entity each is"):
+            self._introduce(grid, timeout)
+        with self._phase(f"step 1: {self.pretrain_on} pretrains Φ and trains ψ"):
+            shared, _ = self._round(grid, 1, ArrayRecord(), config, timeout)
+        if shared is None:
+            raise CollaborationError(f"step 1 failed: {self.pretrain_on} returned no shared modules "
+                                     f"({self.result.entities[self.pretrain_on].failure or 'no reply'})")
+        log.info("shared modules: %d arrays, %.2f MB", len(shared), shared.count_bytes() / 1e6)
+        for server_round, what in ((2, "every entity trains its private DPM and shares its poisoned pool"),
+                                   (3, "every entity refines its decider on its features plus the others' pools")):
+            with self._phase(f"step {server_round}: {what}"):
+                _, metrics = self._round(grid, server_round, shared, config, timeout)
+            log.info("step %d: healthy %s; mean metrics %s", server_round, self.result.healthy(),
+                     {k: round(float(v), 4) for k, v in (metrics or {}).items()})
+            self._require_healthy(f"step {server_round}")
+        return self.result
+
+    def _round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+               ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        return self.aggregate_train(server_round, replies)
+
+    def _replies(self, server_round: int, replies: Iterable[Message]) -> Iterator[tuple[str, RecordDict]]:
+        """(entity, content) of each good reply; errors and missing replies are recorded as failures."""
+        pending = dict(self._sent)
+        for msg in replies:
+            name = pending.pop(msg.metadata.src_node_id, None)
+            if name is None:
+                log.warning("step %d: ignoring a reply from unexpected node %d", server_round,
+                            msg.metadata.src_node_id)
+            elif msg.has_error():
+                self._fail(name, server_round, msg.error.reason)
+            else:
+                yield name, msg.content
+        for name in pending.values():
+            self._fail(name, server_round, "no reply before the timeout")
+
+    def _introduce(self, grid: Grid, timeout: float) -> None:
+        """Wait for the SuperNodes, then map node ids to entity names (partition-id order)."""
+        deadline = time.monotonic() + self.node_wait
+        while len(node_ids := list(grid.get_node_ids())) < len(self.entities) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        log.info("%d SuperNode(s) connected for %d entities", len(node_ids), len(self.entities))
+        messages = [Message(content=RecordDict(), dst_node_id=node, message_type=INTRODUCE) for node in node_ids]
+        for msg in grid.send_and_receive(messages, timeout=timeout):
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("node %d could not say which entity it is: %s", node, msg.error.reason)
+                continue
+            name = str(msg.content["entity"]["name"])
+            status = self.result.entities.get(name)
+            if status is None:
+                log.warning("node %d claims to be %r, which is not among %s; ignored", node, name, self.entities)
+            elif status.node_id is not None:
+                raise CollaborationError(f"nodes {status.node_id} and {node} both claim to be {name}: give each "
+                                         f"SuperNode its own partition-id")
+            else:
+                status.node_id = node
+                status.metrics["num-examples"] = int(msg.content["entity"]["num-examples"])
+        for status in self.result.entities.values():
+            if status.node_id is None:
+                status.failure = "step 0: no SuperNode answered for this entity"
+        log.info("entities: %s", ", ".join(f"{s.name}=node {s.node_id}" for s in self.result.entities.values()))
+        if not self.result.entities[self.pretrain_on].healthy:
+            raise CollaborationError(f"the pretraining entity {self.pretrain_on} has no SuperNode")
+
+    def _fail(self, name: str, server_round: int, reason: str) -> None:
+        reason = " ".join(str(reason).split())[:500]
+        log.warning("%s left out at step %d: %s", name, server_round, reason)
+        self.result.entities[name].failure = f"step {server_round}: {reason}"
+
+    def _require_healthy(self, where: str) -> None:
+        healthy = self.result.healthy()
+        if len(healthy) < self.min_healthy:
+            failures = "; ".join(f"{s.name}: {s.failure}" for s in self.result.entities.values() if s.failure)
+            raise CollaborationError(f"after {where} only {len(healthy)} healthy entities "
+                                     f"({', '.join(healthy) or 'none'}); at least {self.min_healthy} are needed "
+                                     f"to share pools. Failures: {failures}")
+
+    @contextmanager
+    def _phase(self, what: str) -> Iterator[None]:
+        log.info("%s ...", what)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            seconds = time.monotonic() - t0
+            self.result.phases.append((what, seconds))
+            log.info("%s: done in %.1fs", what, seconds)
