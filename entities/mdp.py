@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,6 +198,7 @@ def build_modified_set(
             "format": FORMAT, "seed": seed, "draw": draw, "n": n, **settings,
             "model": _fingerprint(*model.state_dict().values()), "images": _fingerprint(x_all, labels),
         })
+    t0 = time.time()
     was_training = model.training
     model.eval()
     batches = []
@@ -214,7 +216,8 @@ def build_modified_set(
                 torch.save(batch, tmp)
                 tmp.replace(path)
             batches.append(batch)
-            log.debug("MDP draw %d batch %d/%d done", draw, b + 1, n_batches)
+            log.info("MDP draw %d: batch %d/%d done (%d images, %.0fs)", draw, b + 1, n_batches, len(rows),
+                     time.time() - t0)
     finally:
         model.train(was_training)
     cat = {k: torch.cat([bt[k] for bt in batches]) for k in batches[0]}

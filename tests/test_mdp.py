@@ -1,0 +1,185 @@
+"""Mapping Distortion Protection on small real data (CIFAR-10 from ../shared/data, else digits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from entities.backbone import build_backbone
+from entities.config import MDPConfig, TrainConfig
+from entities.data import DataError, find_archive, load_dataset_or_fallback
+from entities.mdp import (
+    LEVEL,
+    MDPError,
+    build_augmented_set,
+    build_modified_set,
+    feature_fn,
+    select_images,
+    ssim_to,
+)
+from entities.train import pretrain, to_float
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = load_dataset_or_fallback("cifar10")
+    rows = np.random.default_rng(0).choice(len(ds.train_labels), 240, replace=False)
+    return ds.train_images[rows], ds.train_labels[rows]
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    """A ResNet-20 trained briefly on 200 real images: MDP needs a trained f."""
+    images, labels = data
+    torch.manual_seed(0)
+    net = build_backbone("resnet20", 10)
+    pretrain(net, images[:200], labels[:200], TrainConfig(epochs=2, batch_size=50, lr=0.05))
+    return net
+
+
+def test_pgd_pulls_features_to_target_while_image_stays_the_selected_one(model, data):
+    images, labels = data
+    x, y = images[:40], labels[:40]
+    cfg = MDPConfig(steps=30, step_size=0.5, batch_size=20)
+    m = build_modified_set(model, x, y, cfg, seed=3)
+    assert m.images.dtype == torch.float16 and m.images.shape == (40, *x.shape[1:])
+    assert np.array_equal(m.target_index, np.arange(40)) and np.array_equal(m.labels, y)
+    assert (m.selected_index != m.target_index).all()
+    assert np.array_equal(m.original_labels, y[m.selected_index])
+    assert m.distance_end.mean() < 0.8 * m.distance_start.mean()
+    img = m.images.float()
+    assert img.min() >= 0 and img.max() <= 1
+    change = (img - to_float(x[m.selected_index])).abs().max().item()
+    assert 0 < change <= cfg.steps * cfg.step_size * LEVEL + 1e-3
+    assert ssim_to(m, x, "selected").mean() > 0.8
+    assert ssim_to(m, x, "selected").mean() > ssim_to(m, x, "target").mean() + 0.3
+    again = build_modified_set(model, x, y, cfg, seed=3)
+    assert torch.equal(again.images, m.images)  # seeded selection, deterministic PGD
+
+
+def test_epsilon_ball_bounds_the_change(model, data):
+    images, labels = data
+    cfg = MDPConfig(steps=10, step_size=1.0, epsilon=2.0, batch_size=20)
+    m = build_modified_set(model, images[:20], labels[:20], cfg)
+    change = (m.images.float() - to_float(images[m.selected_index])).abs().max().item()
+    assert 1.5 * LEVEL < change <= 2 * LEVEL + 1e-3
+
+
+def test_selection_is_seeded_and_never_the_target():
+    a, b = select_images(500, 0), select_images(500, 1)
+    assert np.array_equal(a, select_images(500, 0)) and not np.array_equal(a, b)
+    assert (a != np.arange(500)).all() and a.min() >= 0 and a.max() < 500
+    assert len(np.unique(a)) > 250  # spread over the set, not a fixed offset
+
+
+def test_augmdp_is_the_union_of_draws_with_different_selections(model, data):
+    images, labels = data
+    x, y = images[:30], labels[:30]
+    cfg = MDPConfig(steps=2, batch_size=30)
+    aug = build_augmented_set(model, x, y, cfg, seed=5, rounds=3)
+    assert len(aug) == 90 and sorted(set(aug.draw.tolist())) == [0, 1, 2]
+    first = build_modified_set(model, x, y, cfg, seed=5)
+    assert torch.equal(aug.of_draw(0).images, first.images)
+    assert not np.array_equal(aug.of_draw(0).selected_index, aug.of_draw(1).selected_index)
+    assert np.array_equal(aug.of_draw(2).labels, y)
+
+
+def test_resume_continues_and_refuses_other_settings(model, data, tmp_path):
+    images, labels = data
+    x, y = images[:50], labels[:50]
+    cfg = MDPConfig(steps=3, batch_size=20)
+    full = build_modified_set(model, x, y, cfg, seed=1, out_dir=tmp_path)
+    batches = sorted(tmp_path.glob("batch-*.pt"))
+    assert len(batches) == 3
+    batches[2].unlink()  # an interrupted run: the last batch never finished
+    kept = {p: p.stat().st_mtime_ns for p in batches[:2]}
+    resumed = build_modified_set(model, x, y, cfg, seed=1, out_dir=tmp_path)
+    assert torch.equal(resumed.images, full.images)
+    assert np.array_equal(resumed.selected_index, full.selected_index)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # reused, not recomputed
+    with pytest.raises(MDPError, match="other settings.*steps: stored 3, now 4.*3 finished batch"):
+        build_modified_set(model, x, y, MDPConfig(steps=4, batch_size=20), seed=1, out_dir=tmp_path)
+    other = build_backbone("resnet20", 10)
+    with pytest.raises(MDPError, match="model"):
+        build_modified_set(other, x, y, cfg, seed=1, out_dir=tmp_path)
+    assert len(list(tmp_path.glob("batch-*.pt"))) == 3  # finished batches kept
+
+
+def test_bad_input_gives_clear_errors(model, data):
+    images, labels = data
+    x, y = images[:10], labels[:10]
+    with pytest.raises(MDPError, match="unknown MDP layer 'conv9_9'.*penultimate, logits, conv1"):
+        build_modified_set(model, x, y, MDPConfig(layer="conv9_9", steps=1))
+    with pytest.raises(MDPError, match="T >= 1"):
+        build_augmented_set(model, x, y, MDPConfig(steps=1), rounds=0)
+    with pytest.raises(MDPError, match=r"\[0, 1\]"):
+        build_modified_set(model, to_float(x) * 255, y, MDPConfig(steps=1))
+    with pytest.raises(MDPError, match="labels"):
+        build_modified_set(model, x, y[:5], MDPConfig(steps=1))
+    hooked = build_modified_set(model, x, y, MDPConfig(layer="conv3_1", steps=2))
+    assert hooked.distance_end.mean() < hooked.distance_start.mean()
+    assert feature_fn(model, "logits")(to_float(x)).shape == (10, 10)
+
+
+def test_vgg_backbone_splits_and_has_penultimate_features():
+    net = build_backbone("vgg11-half", 7)
+    x = torch.rand(2, 3, 32, 32)
+    assert net(x).shape == (2, 7) and net.penultimate(x).shape == (2, 256)
+    phi1, phi2 = net.split("conv4_1")
+    assert torch.allclose(phi2(phi1(x)), net(x))
+
+
+def _need_archive():
+    try:
+        find_archive("cifar10")
+    except DataError:
+        pytest.skip("needs the CIFAR-10 archive in ../shared/data")
+
+
+def test_reproduce_command_writes_tables_and_figure(tmp_path):
+    _need_archive()
+    from sim.mdp import main
+
+    main(["reproduce", "--config", "mdp-tiny", "--faces-config", "", "--set", "threads=1",
+          f"results_root={tmp_path}"])
+    out = tmp_path / "mdp" / "mdp-tiny"
+    import pandas as pd
+
+    t1 = pd.read_csv(out / "table1.csv")
+    assert t1["data set"].str.contains("CIFAR-10").all() and len(t1) == 1
+    assert t1["ours MDP"].between(0, 100).all() and (t1["paper MDP"] == 85.52).all()
+    t2 = pd.read_csv(out / "table2.csv")
+    assert list(t2["architecture"]) == ["resnet20 (crafting)", "vgg11-half"]
+    ssim = pd.read_csv(out / "ssim.csv")
+    assert ssim.iloc[0, 1] > 0.95  # 3 PGD steps barely change the selected image
+    png = out / "figure4.png"
+    assert png.is_file() and png.stat().st_size < 1_000_000
+    with pytest.raises(MDPError, match="other settings"):  # same store, changed PGD settings
+        main(["reproduce", "--config", "mdp-tiny", "--faces-config", "", "--set", "threads=1",
+              "mdp.steps=4", f"results_root={tmp_path}"])
+
+
+def test_compare_command_scores_every_sharing_mode(tmp_path):
+    _need_archive()
+    from sim.mdp import main
+
+    preset = tmp_path / "compare-tiny.toml"
+    preset.write_text(
+        'extends = "mdp-collab"\n[data]\nmax_task_train = 400\nmax_public_train = 300\nmax_test = 200\n'
+        "shard_fractions = [0.25, 0.25, 0.25, 0.1]\n[pretrain]\nepochs = 1\n[reconstructor]\nepochs = 1\n"
+        "[dpm]\nepochs = 1\n[decider]\nepochs = 1\n[mdp]\nsteps = 2\nbatch_size = 50\n"
+    )
+    main(["compare", "--config", str(preset), "--set", "threads=1", f"results_root={tmp_path}"])
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "mdp" / "compare-tiny" / "compare.csv").set_index("shared by E2..En")
+    assert list(df.index) == ["nothing (E1 alone)", "raw images", "MDP", "AugMDP(2)", "DPM pools"]
+    shows = df["SSIM(shared, a real image it shows)"]
+    assert shows["raw images"] == pytest.approx(1.0)
+    assert shows["MDP"] > 0.95 and shows["DPM pools"] < 0.5  # MDP shows a real image; DPM does not
+    assert df.loc["MDP", "SSIM(shared, image of its label)"] < 0.5
+    assert df.loc["AugMDP(2)", "items shared"] == 2 * df.loc["MDP", "items shared"] == 2 * 240
+    assert df["E1 top-1 (%)"].between(0, 100).all()
