@@ -27,7 +27,7 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import TaskSplit
 from entities.entity import Entity, Pool
-from entities.mdp import ModifiedSet, build_augmented_set, ssim_to
+from entities.mdp import ModifiedSet, build_augmented_set, entity_modified_set, modified_pool, ssim_to
 from entities.metrics import ssim_per_image
 from entities.pipeline import (
     ArtefactStore,
@@ -38,7 +38,7 @@ from entities.pipeline import (
     step1,
 )
 from entities.report import image_grid, write_json, write_table
-from entities.train import evaluate_classifier, evaluate_reconstruction, extract_features, pretrain, to_float
+from entities.train import evaluate_classifier, evaluate_reconstruction, pretrain, to_float
 from sim.cli import add_config_args, config_from_args, run_main
 
 log = logging.getLogger("poisonpool")
@@ -264,10 +264,9 @@ def compare(cfg: Config) -> pd.DataFrame:
         received["raw images"].append(e.featurize(shared))
         disclosure["raw images"].append(ssim_per_image(raw, raw).numpy())
         target_ssim["raw images"].append(disclosure["raw images"][-1])
-        aug = build_augmented_set(shared.backbone, e.images, e.labels, cfg.mdp, seed=seed,
-                                  out_dir=store.private(e.name, f"mdp-sets-seed{seed}"))
+        aug = entity_modified_set(e, shared, cfg, seed)
         for mode, mset in (("MDP", aug.of_draw(0)), (f"AugMDP({t})", aug)):
-            received[mode].append(Pool(extract_features(shared.phi1, mset.images.float()), mset.labels))
+            received[mode].append(modified_pool(mset, shared.phi1))
             disclosure[mode].append(ssim_to(mset, e.images, "selected"))
             target_ssim[mode].append(ssim_to(mset, e.images, "target"))
         e.train_dpm(shared, cfg, seed=seed)
