@@ -1,10 +1,12 @@
-"""Reproduce Deep Poisoning's Table 1, Table 2 and Figure 4 at CPU scale.
+"""Reproduce Deep Poisoning's Tables 1-3 and Figures 4-5 at CPU scale.
 
-    python -m sim.reproduce table1 table2 figure4 [--config default] [--set dpm.lam=0.5]
+    python -m sim.reproduce table1 table2 figure4 [table3 figure5] [--config default] [--set dpm.lam=0.5]
 
 Pretrains Φ on S, splits it at the hook point, trains ψ on Q and one DPM on S, then scores the
-decider and ψ on the held-out test split of S, from original and from poisoned features. Files go
-to ``results/reproduce/<config>/``; shared artefacts are reused from ``results/artefacts/``.
+decider and ψ on the held-out test split of S, from original and from poisoned features.
+``table3`` adds the stationary perturbation baselines (GN, GF, MF, alone and before the DPM);
+``figure5`` trains the five other reconstructors of Sec. 4.2.2 as attackers the DPM never saw.
+Files go to ``results/reproduce/<config>/``; shared artefacts are reused from ``results/artefacts/``.
 """
 
 from __future__ import annotations
@@ -19,19 +21,29 @@ from torch import nn
 
 from entities.config import Config
 from entities.entity import Entity
-from entities.pipeline import ArtefactStore, cached_features, load_task, step1
+from entities.perturbations import PERTURBATIONS, build_perturbation
+from entities.pipeline import ArtefactStore, SharedModules, cached_features, load_task, shared_reconstructor, step1
+from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_json, write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction, poison, to_float
 from sim.cli import add_config_args, config_from_args, run_main
 
 log = logging.getLogger("poisonpool")
 
-EXPERIMENTS = ("table1", "table2", "figure4")
+EXPERIMENTS = ("table1", "table2", "figure4", "table3", "figure5")
+DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
 
 # The paper's figures (ImageNet, 500 classes, 224 px, split at conv4_1).
 PAPER_TABLE1 = {
     "top1": {"ResNet50": (79.39, 78.88), "ResNet101": (81.13, 80.78)},
     "top5": {"ResNet50": (94.18, 94.11), "ResNet101": (95.03, 94.86)},
+}
+# Table 3 (ResNet101): top-1, top-5, L1, SSIM.
+PAPER_TABLE3 = {
+    "w/o": (81.13, 95.03, 0.0406, 0.7009), "GN": (25.47, 45.99, 0.1905, 0.2635),
+    "GF": (15.60, 30.24, 0.1055, 0.4699), "MF": (4.44, 10.78, 0.1169, 0.4334),
+    "DPM": (80.78, 94.86, 0.2886, 0.0069), "GN+DPM": (78.10, 93.64, 0.3339, 0.0047),
+    "GF+DPM": (78.77, 93.78, 0.3450, 0.0041), "MF+DPM": (71.23, 89.96, 0.3564, 0.0186),
 }
 PAPER_TABLE2 = {
     "l1": {"ResNet50": (0.0443, 0.2928), "ResNet101": (0.0406, 0.2886)},
@@ -48,6 +60,45 @@ def _side_by_side(ours: dict[str, tuple[float, float]], paper: dict, metrics: li
             row[f"paper {net} poisoned"] = p
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def table3(shared: SharedModules, dpm: nn.Module, feats: torch.Tensor, test_x, test_y) -> pd.DataFrame:
+    """Each poisoning operation scored for classification and reconstruction on the test split."""
+    ops = {"w/o": nn.Identity(), "DPM": dpm}
+    for name in PERTURBATIONS:
+        pert = build_perturbation(name)
+        ops[name] = pert
+        ops[f"{name}+DPM"] = nn.Sequential(pert, dpm)
+    rows = []
+    for name in PAPER_TABLE3:
+        with torch.no_grad():
+            altered = torch.cat([ops[name](feats[i:i + 500]) for i in range(0, len(feats), 500)])
+        c = evaluate_classifier(shared.phi2, altered, test_y)
+        r = evaluate_reconstruction(shared.psi, altered, test_x)
+        p = PAPER_TABLE3[name]
+        rows.append({"poisoning": name, "top1": c["top1"], "top5": c["top5"], "l1": r["l1"], "ssim": r["ssim"],
+                     "ssim_inverted": r["ssim_inverted"], "paper top1": p[0], "paper top5": p[1],
+                     "paper l1": p[2], "paper ssim": p[3]})
+    return pd.DataFrame(rows)
+
+
+def figure5(cfg: Config, split, store: ArtefactStore, shared: SharedModules, dpm: nn.Module, feats: torch.Tensor,
+            test_x) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """All six reconstructors of Sec. 4.2.2 on original and poisoned test features."""
+    poisoned = poison(dpm, feats)
+    n = min(6, len(test_x))
+    rows, columns = [], {"raw": to_float(test_x[:n])}
+    for name in RECONSTRUCTORS:
+        psi = shared_reconstructor(cfg, split, store, shared.phi1, name)
+        r_o = evaluate_reconstruction(psi, feats, test_x)
+        r_p = evaluate_reconstruction(psi, poisoned, test_x)
+        rows.append({"reconstructor": name, "trained against": name == cfg.reconstructor.name,
+                     "l1 original": r_o["l1"], "l1 poisoned": r_p["l1"], "ssim original": r_o["ssim"],
+                     "ssim poisoned": r_p["ssim"], "ssim inverted poisoned": r_p["ssim_inverted"]})
+        with torch.no_grad():
+            columns[f"{name} w/o"] = psi(feats[:n])
+            columns[f"{name} w/"] = psi(poisoned[:n])
+    return pd.DataFrame(rows), columns
 
 
 def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
@@ -102,6 +153,20 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
              "ψ(P(φ1(x))) w/ poisoning": rec_p, "1 − ψ(P(φ1(x)))": 1 - rec_p},
             out_dir / "figure4.png", [split.S.classes[c] for c in test_y[:n]])
         log.info("wrote %s", png)
+    if "table3" in experiments:
+        df = table3(shared, dpm, feats, test_x, test_y)
+        md = write_table(df, out_dir, "table3", "Table 3: stationary perturbations vs the DPM",
+                         f"Ours: {setting} GN adds Gaussian noise of one feature standard deviation, GF blurs each "
+                         "feature map with a 5x5 Gaussian (σ = 1.5), MF with a 5x5 mean filter; X+DPM applies X "
+                         "before the DPM (trained on unperturbed features). Paper: ResNet101 on ImageNet.")
+        log.info("wrote %s", md)
+    if "figure5" in experiments:
+        df, columns = figure5(cfg, split, store, shared, dpm, feats, test_x)
+        md = write_table(df, out_dir, "figure5", "Figure 5: the DPM against reconstructors it was not trained against",
+                         f"Ours: {setting} Every ψ is trained with L1 on Q only; the DPM was trained against "
+                         f"{cfg.reconstructor.name} alone.")
+        image_grid(columns, out_dir / "figure5.png", [split.S.classes[c] for c in test_y[:len(columns["raw"])]])
+        log.info("wrote %s and figure5.png", md)
     figures["seconds"] = time.time() - t0
     write_json(figures, out_dir / "figures.json")
     log.info("done in %.0fs: %s", figures["seconds"],
@@ -111,7 +176,8 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.reproduce", description=__doc__.split("\n")[0])
-    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENTS), help=f"any of {EXPERIMENTS}")
+    parser.add_argument("experiments", nargs="*", default=list(DEFAULT_EXPERIMENTS),
+                        help=f"any of {EXPERIMENTS} (default: {' '.join(DEFAULT_EXPERIMENTS)})")
     add_config_args(parser)
     args = parser.parse_args(argv)
     unknown = set(args.experiments) - set(EXPERIMENTS)

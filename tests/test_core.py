@@ -118,3 +118,18 @@ def test_config_presets_overrides_and_errors():
         load_config("no-such-preset")
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["lam"])
+
+
+def test_perturbation_registry_keeps_shape_and_changes_features():
+    from entities.perturbations import PERTURBATIONS, build_perturbation
+
+    torch.manual_seed(0)
+    f = torch.randn(2, 64, 8, 8)
+    for name in PERTURBATIONS:
+        out = build_perturbation(name)(f)
+        assert out.shape == f.shape and not torch.allclose(out, f), name
+    const = torch.ones(1, 4, 8, 8)
+    assert torch.allclose(build_perturbation("MF")(const), const)  # filters are normalised
+    assert build_perturbation("GF")(f).std() < f.std()  # blurring removes high frequencies
+    with pytest.raises(ValueError, match="GN"):
+        build_perturbation("JPEG")
