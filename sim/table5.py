@@ -49,7 +49,7 @@ from entities.grid import (
 )
 from entities.pipeline import entity_shards, load_task
 from entities.report import write_json, write_table
-from sim.cli import add_config_args, config_from_args, run_main
+from sim.cli import add_config_args, config_from_args, run_main, setup_logging
 
 log = logging.getLogger("poisonpool")
 
@@ -83,6 +83,12 @@ class Sequential:
             return handle, None, err
 
 
+def _in_worker(fn: Callable, *args, **kwargs):
+    """A task's body: with logging set up, its progress lines reach the driver's console."""
+    setup_logging()
+    return fn(*args, **kwargs)
+
+
 class RayPool:
     """Each call a Ray task reserving ``cpus`` CPUs (and as many torch threads); data via ``ray.put``."""
 
@@ -91,15 +97,14 @@ class RayPool:
 
         self.ray = ray
         self.threads = cpus
-        self._remote: dict[Callable, object] = {}
+        self._task = ray.remote(num_cpus=cpus)(_in_worker)
 
     def put(self, obj):
         return self.ray.put(obj)
 
     def submit(self, fn: Callable, *args, **kwargs):
-        if fn not in self._remote:
-            self._remote[fn] = self.ray.remote(num_cpus=self.threads)(fn)
-        return self._remote[fn].remote(*args, threads=self.threads, **kwargs)
+        label = f"row {args[0].id}" if args and isinstance(args[0], Row) else fn.__name__  # for the dashboard
+        return self._task.options(name=label).remote(fn, *args, threads=self.threads, **kwargs)
 
     def next_done(self, pending) -> tuple[object, object, BaseException | None]:
         done, _ = self.ray.wait(list(pending), num_returns=1)
@@ -318,6 +323,19 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
     return md
 
 
+def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
+    """Join the cluster at ``address`` or start a local instance; returns the dashboard URL ('' if none)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: silence Ray's notice
+    # Ray nices its workers to 15 to keep a busy driver responsive; here the rows are the work and
+    # the driver only waits, so they run at the priority `--sequential` would have.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    return ray.init(address=address, **local).dashboard_url or ""
+
+
 def main(argv: list[str] | None = None) -> GridRun:
     parser = argparse.ArgumentParser(prog="python -m sim.table5", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="*", default=None, metavar="ID", help=f"rows to run (default all): {ROW_IDS}")
@@ -354,11 +372,9 @@ def main(argv: list[str] | None = None) -> GridRun:
     else:
         import ray
 
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        local = {} if args.address else {"num_cpus": args.num_cpus, "include_dashboard": not args.no_dashboard}
-        context = ray.init(address=args.address, **local)
-        if context.dashboard_url:
-            print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+        url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
+        if url:
+            print(f"Ray dashboard: http://{url}", flush=True)
         how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
         try:
             run = run_grid(cfg, rows, seeds, RayPool(args.cpus_per_row), run_dir, args.from_flower)
