@@ -7,6 +7,7 @@ the shared modules (from the pretrainer only), the poisoned pool, labels and met
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -45,20 +46,26 @@ class Local:
         return extract_features(phi1, self.split.S.test_images)
 
 
-def local(context: Context) -> Local:
-    """The entity this node plays: partition-id k is entity E{k+1} and its shard of S."""
-    setup_app_logging()
-    cfg = config_from_run_config(context.run_config)
+def entity_name(cfg: Config, context: Context) -> str:
+    """Partition-id k is entity E{k+1}; a node without a matching entity is a setup error."""
     names = entity_names(cfg)
     k = int(context.node_config.get("partition-id", -1))
     if not 0 <= k < len(names):
         raise ValueError(f"partition-id {k} has no entity: the settings define {len(names)} entities "
                          f"({', '.join(names)}), one per data.shard_fractions; start the SuperNode with "
                          f"--node-config 'partition-id=<0..{len(names) - 1}> num-partitions={len(names)}'")
+    return names[k]
+
+
+def local(context: Context) -> Local:
+    """The entity this node plays, with its shard of S."""
+    setup_app_logging()
+    cfg = config_from_run_config(context.run_config)
+    name = entity_name(cfg, context)
     split = load_task(cfg)
-    shard = entity_shards(cfg, split)[names[k]]
-    entity = Entity(names[k], split.S.train_images[shard], split.S.train_labels[shard], ArtefactStore(cfg))
-    return Local(cfg, split, entity, cfg.data.seed + k)
+    shard = entity_shards(cfg, split)[name]
+    entity = Entity(name, split.S.train_images[shard], split.S.train_labels[shard], ArtefactStore(cfg))
+    return Local(cfg, split, entity, cfg.data.seed + entity_names(cfg).index(name))
 
 
 def reply(msg: Message, metrics: dict[str, float], **records) -> Message:
@@ -68,10 +75,9 @@ def reply(msg: Message, metrics: dict[str, float], **records) -> Message:
 
 @app.query("entity")
 def introduce(msg: Message, context: Context) -> Message:
-    """Say which entity this node is and how many images it holds."""
-    here = local(context)
-    record = ConfigRecord({"name": here.entity.name, "num-examples": len(here.entity.labels)})
-    return Message(content=RecordDict({"entity": record}), reply_to=msg)
+    """Say which entity this node is (without loading any data, so it answers at once)."""
+    name = entity_name(config_from_run_config(context.run_config), context)
+    return Message(content=RecordDict({"entity": ConfigRecord({"name": name})}), reply_to=msg)
 
 
 @app.train("pretrain")
@@ -83,7 +89,14 @@ def pretrain(msg: Message, context: Context) -> Message:
     if here.entity.name != cfg.backbone.pretrain_on:
         raise ValueError(f"{here.entity.name} was asked to pretrain, but backbone.pretrain_on is "
                          f"{cfg.backbone.pretrain_on!r}")
-    shared = step1(cfg, here.split, here.entity.store)
+    # Nothing else runs during step 1, so it may use every core even where a simulated SuperNode is
+    # given one CPU (Ray then starts torch with one thread); ``threads`` in the settings wins.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    try:
+        shared = step1(cfg, here.split, here.entity.store)
+    finally:
+        torch.set_num_threads(threads)
     feature_shape = list(here.test_features(shared.phi1).shape[1:])
     metrics = {"num-examples": len(here.entity.labels), "pretrain_seconds": time.time() - t0}
     return reply(msg, metrics, shared=pack_shared(shared), info=ConfigRecord({"feature-shape": feature_shape}))

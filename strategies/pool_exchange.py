@@ -242,7 +242,6 @@ class PoolExchange(Strategy):
                                          f"SuperNode its own partition-id")
             else:
                 status.node_id = node
-                status.metrics["num-examples"] = int(msg.content["entity"]["num-examples"])
         for status in self.result.entities.values():
             if status.node_id is None:
                 status.failure = "step 0: no SuperNode answered for this entity"
