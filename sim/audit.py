@@ -85,5 +85,7 @@ class AuditedGrid(Grid):
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(self.rows, columns=AUDIT_COLUMNS).to_csv(path, index=False)
+        df = pd.DataFrame(self.rows, columns=AUDIT_COLUMNS)
+        df["bytes"] = df["bytes"].astype("Int64")  # integers, blank where a row has no array
+        df.to_csv(path, index=False)
         return path
