@@ -138,7 +138,8 @@ def run_dataset(run: MDPRun) -> dict:
     tgt = ssim_to(aug, S.train_images, "target")
     figures = {
         "dataset": cfg.data.dataset, "arch": arch, "n_train": int(len(S.train_labels)), "classes": len(S.classes),
-        "n_test": int(len(S.test_labels)), "top1": acc,
+        "n_test": int(len(S.test_labels)), "top1": acc, "epochs": cfg.pretrain.epochs,
+        "majority_top1": float(100 * np.bincount(S.test_labels).max() / len(S.test_labels)),
         "ssim_selected_mdp": float(sel[aug.draw == 0].mean()), "ssim_selected_all": float(sel.mean()),
         "ssim_target_all": float(tgt.mean()), "same_label_fraction": float((aug.labels == aug.original_labels).mean()),
         "distance_start": float(aug.distance_start.mean()), "distance_end": float(aug.distance_end.mean()),
@@ -200,7 +201,8 @@ def reproduce(cfg: Config, faces: Config | None) -> list[dict]:
         paper = PAPER_TABLE1.get(key, (np.nan, np.nan))
         rows1.append({
             "data set": f"{name}, {r['n_train']} train / {r['n_test']} test, {r['classes']} classes",
-            "model": r["arch"], "PGD steps": c.mdp.steps, "ours original": r["top1"]["original"],
+            "model": r["arch"], "epochs": r["epochs"], "PGD steps": c.mdp.steps,
+            "majority class": r["majority_top1"], "ours original": r["top1"]["original"],
             "ours MDP": r["top1"]["MDP"], f"ours AugMDP({t})": r["top1"][f"AugMDP({t})"],
             "paper MDP": paper[0], "paper AugMDP(2)": paper[1],
         })
@@ -212,9 +214,10 @@ def reproduce(cfg: Config, faces: Config | None) -> list[dict]:
             "max |x_m - x_s|": r["max_abs_change"],
         })
     note = (f"Test accuracy (top-1, %) of a model trained on the original set D, on its MDP set and on "
-            f"AugMDP({t}) (T = {t} modified sets with different selections, so twice the images). Every model "
-            f"uses the same recipe ({cfg.pretrain.epochs} epochs of SGD, crop+flip); the 'original' model is "
-            f"also the one that crafts the modified sets. PGD: ℓ∞ sign steps of {cfg.mdp.step_size}/255, "
+            f"AugMDP({t}) (T = {t} modified sets with different selections, so twice the images). Every model of "
+            "a data set uses the same recipe (SGD, crop+flip, the epochs shown); the 'original' model is also "
+            "the one that crafts the modified sets. 'majority class' = top-1 of always predicting the most "
+            "frequent test class. PGD: ℓ∞ sign steps of {cfg.mdp.step_size}/255, "
             f"p = {cfg.mdp.p} distance at the {cfg.mdp.layer} layer, no ε-ball. Paper: ResNet-50 on all of "
             "CIFAR-10 and IR-50 on restricted CASIA-WebFace (1,000 people); restricted CASIA-WebFace is not "
             "available here, so LFW-min20 (its 12 people with >= 50 images, 32 px) stands in for it.")
