@@ -15,6 +15,7 @@ import argparse
 import logging
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -62,6 +63,17 @@ def _side_by_side(ours: dict[str, tuple[float, float]], paper: dict, metrics: li
     return pd.DataFrame(rows)
 
 
+def spread_rows(labels, n: int) -> list[int]:
+    """Up to n test rows cycling through the classes, so a figure shows every class, not n airplanes."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    rows: list[int] = []
+    while len(rows) < min(n, len(labels)):
+        for idx in by_class:
+            if idx and len(rows) < n:
+                rows.append(idx.pop(0))
+    return rows
+
+
 def table3(shared: SharedModules, dpm: nn.Module, feats: torch.Tensor, test_x, test_y) -> pd.DataFrame:
     """Each poisoning operation scored for classification and reconstruction on the test split."""
     ops = {"w/o": nn.Identity(), "DPM": dpm}
@@ -83,11 +95,11 @@ def table3(shared: SharedModules, dpm: nn.Module, feats: torch.Tensor, test_x, t
 
 
 def figure5(cfg: Config, split, store: ArtefactStore, shared: SharedModules, dpm: nn.Module, feats: torch.Tensor,
-            test_x) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+            test_x, test_y) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """All six reconstructors of Sec. 4.2.2 on original and poisoned test features."""
     poisoned = poison(dpm, feats)
-    n = min(6, len(test_x))
-    rows, columns = [], {"raw": to_float(test_x[:n])}
+    show = spread_rows(test_y, 6)
+    rows, columns = [], {"raw": to_float(test_x[show])}
     for name in RECONSTRUCTORS:
         psi = shared_reconstructor(cfg, split, store, shared.phi1, name)
         r_o = evaluate_reconstruction(psi, feats, test_x)
@@ -96,8 +108,8 @@ def figure5(cfg: Config, split, store: ArtefactStore, shared: SharedModules, dpm
                      "l1 original": r_o["l1"], "l1 poisoned": r_p["l1"], "ssim original": r_o["ssim"],
                      "ssim poisoned": r_p["ssim"], "ssim inverted poisoned": r_p["ssim_inverted"]})
         with torch.no_grad():
-            columns[f"{name} w/o"] = psi(feats[:n])
-            columns[f"{name} w/"] = psi(poisoned[:n])
+            columns[f"{name} w/o"] = psi(feats[show])
+            columns[f"{name} w/"] = psi(poisoned[show])
     return pd.DataFrame(rows), columns
 
 
@@ -144,14 +156,14 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
                          "which exposes a photographic-negative reconstruction; PSNR in dB for data range 1.")
         log.info("wrote %s", md)
     if "figure4" in experiments:
-        n = min(8, len(test_y))
+        show = spread_rows(test_y, 8)
         with torch.no_grad():
-            rec_o = shared.psi(feats[:n])
-            rec_p = shared.psi(poisoned[:n])
+            rec_o = shared.psi(feats[show])
+            rec_p = shared.psi(poisoned[show])
         png = image_grid(
-            {"raw": to_float(test_x[:n]), "ψ(φ1(x)) w/o poisoning": rec_o,
+            {"raw": to_float(test_x[show]), "ψ(φ1(x)) w/o poisoning": rec_o,
              "ψ(P(φ1(x))) w/ poisoning": rec_p, "1 − ψ(P(φ1(x)))": 1 - rec_p},
-            out_dir / "figure4.png", [split.S.classes[c] for c in test_y[:n]])
+            out_dir / "figure4.png", [split.S.classes[c] for c in test_y[show]])
         log.info("wrote %s", png)
     if "table3" in experiments:
         df = table3(shared, dpm, feats, test_x, test_y)
@@ -161,11 +173,11 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
                          "before the DPM (trained on unperturbed features). Paper: ResNet101 on ImageNet.")
         log.info("wrote %s", md)
     if "figure5" in experiments:
-        df, columns = figure5(cfg, split, store, shared, dpm, feats, test_x)
+        df, columns = figure5(cfg, split, store, shared, dpm, feats, test_x, test_y)
         md = write_table(df, out_dir, "figure5", "Figure 5: the DPM against reconstructors it was not trained against",
                          f"Ours: {setting} Every ψ is trained with L1 on Q only; the DPM was trained against "
                          f"{cfg.reconstructor.name} alone.")
-        image_grid(columns, out_dir / "figure5.png", [split.S.classes[c] for c in test_y[:len(columns["raw"])]])
+        image_grid(columns, out_dir / "figure5.png", [split.S.classes[c] for c in test_y[spread_rows(test_y, 6)]])
         log.info("wrote %s and figure5.png", md)
     figures["seconds"] = time.time() - t0
     write_json(figures, out_dir / "figures.json")
