@@ -80,6 +80,7 @@ def load_mdp_task(cfg: Config) -> TaskSplit:
 def trained_model(cfg: Config, store: ArtefactStore, arch: str, tag: str, images: np.ndarray,
                   labels: np.ndarray, num_classes: int) -> Backbone:
     """A fresh ``arch`` trained with the [pretrain] recipe on (images, labels), stored under ``tag``."""
+    torch.manual_seed(cfg.data.seed)  # the same initial weights whichever set the model is trained on
     model = build_backbone(arch, num_classes, images.shape[1])
     path = store.shared(f"mdp-model-{arch}-{tag}-{cfg.digest('pretrain', 'mdp')}.pt")
     if path.is_file():
