@@ -67,6 +67,7 @@ class Entity:
     def train_dpm(self, shared: SharedModules, cfg: Config, seed: int) -> DeepPoisoningModule:
         """Step 2 on its own shard; the DPM is saved only under this entity's private store."""
         own = self.featurize(shared)
+        torch.manual_seed(seed)
         dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks)
         path = self.dpm_path(cfg)
         if path.is_file():

@@ -231,6 +231,7 @@ def raw_row(row: Row, seed: int, cfg: Config, images: np.ndarray, labels: np.nda
     if threads:
         torch.set_num_threads(threads)
     x, y = (images, labels) if idx is None else (images[idx], labels[idx])
+    torch.manual_seed(seed)
     model = build_backbone(cfg.backbone.name, num_classes, x.shape[1])
     recipe = dataclasses.replace(cfg.pretrain, epochs=raw_epochs(row, cfg))
     pretrain(model, x, y, recipe, seed=seed)

@@ -100,6 +100,7 @@ def pretrain_set(cfg: Config, split: TaskSplit) -> tuple[np.ndarray, np.ndarray]
 
 def pretrained_backbone(cfg: Config, split: TaskSplit, store: ArtefactStore) -> Backbone:
     """Step 1: Φ pretrained with cross-entropy, loaded from the store when it exists."""
+    torch.manual_seed(cfg.data.seed)  # the initial weights too, so a rerun reproduces Φ
     model = build_backbone(cfg.backbone.name, len(split.S.classes), split.S.image_shape[0])
     model.split(cfg.backbone.hook)  # an unknown hook point fails before any training
     path = store.shared("backbone.pt")
@@ -134,6 +135,7 @@ def shared_reconstructor(
     """ψ (by default the one DPMs defend against) trained with L1 on Q only."""
     name = name or cfg.reconstructor.name
     q_feats = cached_features(store, "Q-train", phi1, split.Q.train_images)
+    torch.manual_seed(cfg.data.seed)
     psi = build_reconstructor(name, tuple(q_feats.shape[1:]), split.Q.image_shape)
     path = store.shared(f"psi-{name}-{cfg.digest('reconstructor')}.pt")
     if path.is_file():
