@@ -39,24 +39,31 @@ def main() -> None:
     rows, seeds = select_rows(None), [cfg.data.seed]
     prepare(cfg)  # Step 1 and the four DPMs, stored: every pass below loads them
 
-    timings = {}
+    timings, load = {}, {}
     default_threads = torch.get_num_threads()
     for name, threads in ((f"sequential, torch threads = {default_threads}", 0), ("sequential, 1 thread", 1)):
+        load[name] = os.getloadavg()[0]
         run = run_grid(cfg, rows, seeds, Sequential(threads), root / "table5" / f"seq{threads}")
         torch.set_num_threads(default_threads)
         timings[name] = run.seconds
     start_ray(num_cpus=args.num_cpus, dashboard=False)
+    ray_load = os.getloadavg()[0]
     try:
         run = run_grid(cfg, rows, seeds, RayPool(1), root / "table5" / "ray")
     finally:
         ray.shutdown()
     ray_name = f"Ray, {args.num_cpus} CPUs, 1 per row"
     timings[ray_name] = run.seconds
+    load[ray_name] = ray_load
 
-    df = pd.DataFrame([{"run": k, "seconds": v, "Ray speed-up": v / timings[ray_name]} for k, v in timings.items()])
+    df = pd.DataFrame([{"run": k, "seconds": v, "Ray speed-up": v / timings[ray_name], "load average at start": load[k]}
+                       for k, v in timings.items()])
     md = write_table(df, args.out, "speedup", f"Table 5 grid ({args.config}, {len(rows)} rows): Ray vs one process",
                      f"Same rows, seeds and stored Step 1 on a {os.cpu_count()}-core machine; grid wall time only "
-                     "(Ray's start-up excluded). Other processes on the machine add noise.")
+                     "(Ray's start-up excluded). Ray runs one row per core with one torch thread each; the first "
+                     "sequential run gives one row at a time all cores through torch's intra-op threads, the "
+                     "second only one thread. Other processes on the machine (see the 1-minute load average) "
+                     "add noise.")
     print(md.read_text())
 
 
