@@ -98,6 +98,13 @@ class MDPConfig:
 
 
 @dataclass
+class CollabConfig:
+    """How the entities collaborate (Flower app and Table 5 grid alike)."""
+
+    share: str = "dpm"  # what each entity shares: dpm, mdp, augmdp or raw (see entities/sharing.py)
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +115,7 @@ class Config:
     decider: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, augment=False))
     mdp: MDPConfig = field(default_factory=MDPConfig)
     table5: Table5Config = field(default_factory=Table5Config)
+    collab: CollabConfig = field(default_factory=CollabConfig)
     results_root: str = ""  # empty: the project's results/
     threads: int = 0  # torch threads per process (0 = torch's default)
 

@@ -34,11 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from entities.backbone import Backbone
-from entities.config import Config, MDPConfig
-from entities.entity import Entity, Pool
+from entities.config import MDPConfig
 from entities.metrics import ssim_per_image
-from entities.pipeline import SharedModules
-from entities.train import extract_features, to_float
+from entities.train import to_float
 
 log = logging.getLogger("poisonpool")
 
@@ -276,18 +274,3 @@ def ssim_to(mset: ModifiedSet, images: np.ndarray | torch.Tensor, which: str = "
         for i in range(0, len(mset), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.empty(0)
-
-
-def entity_modified_set(entity: Entity, shared: SharedModules, cfg: Config, seed: int) -> ModifiedSet:
-    """MDP as a sharing mode: an entity's AugMDP(T) of its own shard, crafted with the shared Φ.
-
-    Draw 0 alone is its MDP set. Batches are kept under the entity's private store, so an
-    interrupted construction resumes; only the returned images and target labels are meant to leave.
-    """
-    return build_augmented_set(shared.backbone, entity.images, entity.labels, cfg.mdp, seed=seed,
-                               out_dir=entity.store.private(entity.name, f"mdp-sets-seed{seed}"))
-
-
-def modified_pool(mset: ModifiedSet, phi1: torch.nn.Module) -> Pool:
-    """φ1 of the modified images with their target labels: what a receiver trains its decider on."""
-    return Pool(extract_features(phi1, mset.images.float()), mset.labels)

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import TaskSplit
-from entities.entity import Entity, Pool
-from entities.mdp import ModifiedSet, build_augmented_set, entity_modified_set, modified_pool, ssim_to
-from entities.metrics import ssim_per_image
+from entities.entity import Entity
+from entities.mdp import ModifiedSet, build_augmented_set, ssim_to
 from entities.pipeline import (
     ArtefactStore,
     cached_features,
@@ -38,7 +37,8 @@ from entities.pipeline import (
     step1,
 )
 from entities.report import image_grid, write_json, write_table
-from entities.train import evaluate_classifier, evaluate_reconstruction, pretrain, to_float
+from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, mode_name, received_pool
+from entities.train import evaluate_classifier, pretrain, to_float
 from sim.cli import add_config_args, config_from_args, run_main
 
 log = logging.getLogger("poisonpool")
@@ -259,35 +259,19 @@ def compare(cfg: Config) -> pd.DataFrame:
     receiver, *senders = entities.values()
     test_feats = cached_features(store, "S-test", shared.phi1, S.test_images)
     seed = cfg.data.seed
-    t = cfg.mdp.rounds
-    received: dict[str, list[Pool]] = {"raw images": [], "MDP": [], f"AugMDP({t})": [], "DPM pools": []}
-    disclosure: dict[str, list[np.ndarray]] = {m: [] for m in received}
-    target_ssim: dict[str, list[np.ndarray]] = {m: [] for m in received}
-    for e in senders:
-        raw = to_float(e.images)
-        received["raw images"].append(e.featurize(shared))
-        disclosure["raw images"].append(ssim_per_image(raw, raw).numpy())
-        target_ssim["raw images"].append(disclosure["raw images"][-1])
-        aug = entity_modified_set(e, shared, cfg, seed)
-        for mode, mset in (("MDP", aug.of_draw(0)), (f"AugMDP({t})", aug)):
-            received[mode].append(modified_pool(mset, shared.phi1))
-            disclosure[mode].append(ssim_to(mset, e.images, "selected"))
-            target_ssim[mode].append(ssim_to(mset, e.images, "target"))
-        e.train_dpm(shared, cfg, seed=seed)
-        pool = e.poisoned_pool()
-        received["DPM pools"].append(pool)
-        rec = evaluate_reconstruction(shared.psi, pool.features, e.images)
-        shown = np.full(len(pool), max(rec["ssim"], rec["ssim_inverted"]))
-        disclosure["DPM pools"].append(shown)
-        target_ssim["DPM pools"].append(shown)
     alone = receiver.refine(shared, [], cfg, test_feats, S.test_labels, seed)[1]["top1"]
     rows = [{"shared by E2..En": "nothing (E1 alone)", "items shared": 0, "E1 top-1 (%)": alone,
              "SSIM(shared, a real image it shows)": np.nan, "SSIM(shared, image of its label)": np.nan}]
-    for mode, pools in received.items():
+    for mode in (RAW, MDP, AUGMDP, DPM):
+        sent = [contribute(e, shared, cfg, seed, mode) for e in senders]
+        pools = [received_pool(c.data, c.labels, mode, shared.phi1) for c in sent]
         top1 = receiver.refine(shared, pools, cfg, test_feats, S.test_labels, seed)[1]["top1"]
-        rows.append({"shared by E2..En": mode, "items shared": sum(len(p) for p in pools), "E1 top-1 (%)": top1,
-                     "SSIM(shared, a real image it shows)": float(np.concatenate(disclosure[mode]).mean()),
-                     "SSIM(shared, image of its label)": float(np.concatenate(target_ssim[mode]).mean())})
+        n = np.array([len(c) for c in sent])
+        rows.append({"shared by E2..En": mode_name(mode, cfg.mdp.rounds),
+                     "items shared": int(n.sum()), "E1 top-1 (%)": top1,
+                     "SSIM(shared, a real image it shows)": float(np.average([c.disclosure for c in sent], weights=n)),
+                     "SSIM(shared, image of its label)": float(np.average([c.label_disclosure for c in sent],
+                                                                           weights=n))})
     df = pd.DataFrame(rows)
     sizes = ", ".join(f"{n} {len(e.labels)}" for n, e in entities.items())
     out_dir = cfg.results_dir() / "mdp" / cfg.name
