@@ -3,7 +3,9 @@
 :class:`AuditedGrid` wraps the run's Grid and notes, for each message, every item of every record:
 arrays by name, dtype, shape, size and a SHA-256 of their values; metrics and configs by value;
 errors by reason. The server writes the rows to ``messages.csv`` beside the results, so anyone can
-check that only the shared modules, poisoned features, labels and metrics travelled.
+check what travelled: in the ``dpm`` sharing mode only the shared modules, poisoned features,
+labels and metrics; in the image modes (``mdp``, ``augmdp``, ``raw``) images instead of features,
+which :func:`matching_images` compares with an entity's real images.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pandas as pd
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from entities.train import to_float
+
 AUDIT_COLUMNS = ["direction", "message_type", "node_id", "record", "kind", "item", "dtype", "shape", "bytes",
                  "sha256", "value"]
 
@@ -24,6 +28,19 @@ AUDIT_COLUMNS = ["direction", "message_type", "node_id", "record", "kind", "item
 def array_digest(values: np.ndarray) -> str:
     """SHA-256 of an array's values (C order), comparable with any tensor's ``.numpy()``."""
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def matching_images(sent: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Indices of the ``sent`` images that are one of the ``real`` (uint8) images, value for value.
+
+    A real image counts as sent when it arrives as float32 x/255 (what raw sharing sends) or
+    rounded through float16 (how MDP stores its images, so an unmodified selected image would be
+    caught too). Per-image digests make the comparison exact and linear in the number of images.
+    """
+    real_f = to_float(real).numpy()
+    known = {array_digest(x) for x in real_f} | {array_digest(x.astype(np.float16).astype(np.float32)) for x in real_f}
+    return np.array([i for i, x in enumerate(np.asarray(sent, dtype=np.float32)) if array_digest(x) in known],
+                    dtype=np.int64)
 
 
 def message_rows(msg: Message, direction: str) -> list[dict]:

@@ -1,8 +1,12 @@
 """The ClientApp: one SuperNode is one entity, E1..En by its ``partition-id``, with its own shard.
 
-It answers the four messages of :mod:`strategies.pool_exchange`. Its images never leave it, and
-neither does its DPM: the DPM is written only to the entity's private store and the replies carry
-the shared modules (from the pretrainer only), the poisoned pool, labels and metrics.
+It answers the four messages of :mod:`strategies.pool_exchange`. What its pool holds is the run's
+sharing mode (``collab.share``, :mod:`entities.sharing`). In the default ``dpm`` mode its images never
+leave it, and neither does its DPM: the DPM is written only to the entity's private store and the
+replies carry the shared modules (from the pretrainer only), the poisoned pool, labels and
+metrics. In the ``mdp``/``augmdp`` modes the pool holds MDP's modified images (which look like
+real images of its shard), in ``raw`` mode the images themselves: those modes share images by
+design, and every entity reports how much they disclose (``disclosure_ssim``).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from flwr.clientapp import ClientApp
 
 from entities.config import Config
 from entities.data import TaskSplit
-from entities.entity import Entity
+from entities.entity import Entity, Pool
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task, step1
-from entities.pools import validate_pool
+from entities.pools import validate_shared
+from entities.sharing import DPM, contribute, received_pool
 from entities.train import extract_features
 from sim.app_config import config_from_run_config, setup_app_logging
 from strategies.records import pack_pool, pack_shared, unpack_pool, unpack_shared
@@ -98,36 +103,52 @@ def pretrain(msg: Message, context: Context) -> Message:
     finally:
         torch.set_num_threads(threads)
     feature_shape = list(here.test_features(shared.phi1).shape[1:])
+    image_shape = list(here.entity.images.shape[1:])  # what image-sharing modes' pools are checked against
     metrics = {"num-examples": len(here.entity.labels), "pretrain_seconds": time.time() - t0}
-    return reply(msg, metrics, shared=pack_shared(shared), info=ConfigRecord({"feature-shape": feature_shape}))
+    info = ConfigRecord({"feature-shape": feature_shape, "image-shape": image_shape})
+    return reply(msg, metrics, shared=pack_shared(shared), info=info)
 
 
 @app.train("pool")
 def share_pool(msg: Message, context: Context) -> Message:
-    """Step 2: train the private DPM, return the poisoned pool and the local metrics."""
+    """Step 2: build the contribution in the run's sharing mode, return it and the local metrics.
+
+    Every mode reports the sender's own measure of what its pool discloses (only the sender holds
+    the real images): ``disclosure_ssim`` against the real image each item shows, ``label_ssim``
+    against the image whose label it carries. DPM mode adds the decider and ψ scores of its pool.
+    """
     t0 = time.time()
     here = local(context)
-    entity = here.entity
-    shared = unpack_shared(msg.content["shared"], here.cfg, entity.images.shape[1:])
+    cfg, entity = here.cfg, here.entity
+    shared = unpack_shared(msg.content["shared"], cfg, entity.images.shape[1:])
     context.state["shared"] = msg.content["shared"]  # kept on this node for step 3
-    entity.train_dpm(shared, here.cfg, seed=here.seed)
-    metrics = entity.pool_metrics(shared, here.test_features(shared.phi1), here.test_labels)
-    metrics |= {"num-examples": len(entity.labels), "pool_seconds": time.time() - t0}
-    return reply(msg, metrics, pool=pack_pool(entity.poisoned_pool()))
+    sent = contribute(entity, shared, cfg, here.seed)
+    metrics = {"num-examples": len(entity.labels), "items_shared": len(sent), "disclosure_ssim": sent.disclosure,
+               "label_ssim": sent.label_disclosure}
+    if sent.mode == DPM:
+        metrics |= entity.pool_metrics(shared, here.test_features(shared.phi1), here.test_labels)
+    metrics["pool_seconds"] = time.time() - t0
+    return reply(msg, metrics, pool=pack_pool(Pool(sent.data, sent.labels), sent.mode))
 
 
 @app.train("refine")
 def refine(msg: Message, context: Context) -> Message:
-    """Step 3: refine φ2 on own features alone and with the received pools; score both on the test split."""
+    """Step 3: refine φ2 on own features alone and with the received pools; score both on the test split.
+
+    Received images (the image-sharing modes) become training data through φ1, as a receiver would use them.
+    """
     t0 = time.time()
     here = local(context)
     cfg, entity = here.cfg, here.entity
+    mode = cfg.collab.share
     shared = unpack_shared(context.state["shared"], cfg, entity.images.shape[1:])
-    received = unpack_pool(msg.content["pool"])
+    received = unpack_pool(msg.content["pool"], mode)
     test_features = here.test_features(shared.phi1)
-    validate_pool("received", received, tuple(test_features.shape[1:]), len(cfg.data.task_classes))
+    validate_shared("received", received, mode, tuple(test_features.shape[1:]), tuple(entity.images.shape[1:]),
+                    len(cfg.data.task_classes))
+    pool = received_pool(received.features, received.labels, mode, shared.phi1)
     _, own = entity.refine(shared, [], cfg, test_features, here.test_labels, seed=here.seed)
-    _, refined = entity.refine(shared, [received], cfg, test_features, here.test_labels, seed=here.seed)
+    _, refined = entity.refine(shared, [pool], cfg, test_features, here.test_labels, seed=here.seed)
     metrics = {
         "num-examples": len(entity.labels),
         "received_images": len(received),

@@ -1,9 +1,11 @@
 """The ServerApp: runs :class:`~strategies.pool_exchange.PoolExchange` and writes ``results/flower/<run>/``.
 
 The run directory holds ``config.json`` (settings, Flower run config, artefact key and digest),
-``summary.csv``/``summary.md`` (one row per entity), ``run.json`` (status, phases and durations,
-failures), ``messages.csv`` (every message that crossed, see :mod:`sim.audit`) and each validated
-pool as ``artefacts/pools/E{k}.pt`` for the Table 5 grid to reuse.
+``summary.csv``/``summary.md`` (one row per entity, with the sharing mode and what each entity's
+pool discloses), ``run.json`` (status, sharing mode, phases and durations, failures),
+``messages.csv`` (every message that crossed, see :mod:`sim.audit`) and each validated pool as
+``artefacts/pools/E{k}.pt`` (features in ``dpm`` mode, which the Table 5 grid can reuse; images in
+the other modes, with the mode in the file's metadata).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from entities.config import Config
 from entities.pipeline import ArtefactStore, entity_names
 from entities.pools import save_pool
 from entities.report import markdown_table, write_json, write_table
+from entities.sharing import mode_name, shares_images
 from sim.app_config import config_from_run_config, run_dir, setup_app_logging
 from sim.audit import AuditedGrid
 from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
@@ -29,9 +32,10 @@ log = logging.getLogger("poisonpool")
 app = ServerApp()
 
 # Per-entity columns of the summary, in the order of the three steps.
-COLUMNS = ["num-examples", "pool_bytes_per_image", "top1_original", "top1_poisoned", "ssim_pool",
-           "ssim_pool_inverted", "l1_pool", "received_images", "top1_own", "top5_own", "top1_refined",
-           "top5_refined", "pretrain_seconds", "pool_seconds", "refine_seconds"]
+COLUMNS = ["num-examples", "items_shared", "pool_bytes_per_image", "disclosure_ssim", "label_ssim",
+           "top1_original", "top1_poisoned", "ssim_pool", "ssim_pool_inverted", "l1_pool", "received_images",
+           "top1_own", "top5_own", "top1_refined", "top5_refined", "pretrain_seconds", "pool_seconds",
+           "refine_seconds"]
 
 
 @app.main()
@@ -40,10 +44,11 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
     cfg = config_from_run_config(context.run_config)
     out = run_dir(cfg, context.run_config)
-    log.info("Flower run %d, preset %s: results go to %s", context.run_id, cfg.name, out)
+    log.info("Flower run %d, preset %s, sharing mode %s: results go to %s", context.run_id, cfg.name,
+             cfg.collab.share, out)
     audited = AuditedGrid(grid)
     strategy = PoolExchange(entity_names(cfg), cfg.backbone.pretrain_on, len(cfg.data.task_classes),
-                            node_wait=float(context.run_config.get("node-wait", 120)))
+                            node_wait=float(context.run_config.get("node-wait", 120)), share=cfg.collab.share)
     error = ""
     try:
         strategy.start(audited, timeout=float(context.run_config.get("timeout", 3600)))
@@ -57,26 +62,30 @@ def main(grid: Grid, context: Context) -> None:
 def summary_frame(result: CollaborationResult) -> pd.DataFrame:
     rows = []
     for name, status in result.entities.items():
-        row = {"entity": name, "node_id": status.node_id, "status": status.failure or "ok", **status.metrics}
+        row = {"entity": name, "node_id": status.node_id, "status": status.failure or "ok", "share": result.share,
+               **status.metrics}
         if name in result.pool_bytes:
             row["pool_bytes_per_image"] = round(result.pool_bytes[name] / len(result.pools[name]))
         rows.append(row)
     df = pd.DataFrame(rows)
-    return df[["entity", "node_id", "status"] + [c for c in COLUMNS if c in df.columns]]
+    return df[["entity", "node_id", "status", "share"] + [c for c in COLUMNS if c in df.columns]]
 
 
 def write_results(out: Path, cfg: Config, context: Context, result: CollaborationResult, audited: AuditedGrid,
                   error: str, seconds: float) -> None:
     """Everything the run produced, also when it stopped early (``error`` says why)."""
     store_key = ArtefactStore(cfg).key
-    meta = {"store_key": store_key, "config_digest": cfg.digest(), "preset": cfg.name, "run_id": context.run_id}
+    share = cfg.collab.share
+    meta = {"store_key": store_key, "config_digest": cfg.digest(), "preset": cfg.name, "run_id": context.run_id,
+            "share": share}
     write_json({**meta, "run_config": dict(context.run_config), "config": cfg.to_dict()}, out / "config.json")
 
     pool_dir = out / "artefacts" / "pools"
     for stale in pool_dir.glob("*.pt"):
         stale.unlink()
     for name, pool in result.pools.items():
-        save_pool(pool, pool_dir / f"{name}.pt", {**meta, "entity": name, "feature_shape": list(result.feature_shape)})
+        save_pool(pool, pool_dir / f"{name}.pt", {**meta, "entity": name, "feature_shape": list(result.feature_shape),
+                                                   "shape": list(pool.features.shape[1:])})
 
     phases = pd.DataFrame(result.phases, columns=["phase", "seconds"])
     failures = {n: s.failure for n, s in result.entities.items() if s.failure}
@@ -88,19 +97,27 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
 
     df = summary_frame(result)
     per_image = df["pool_bytes_per_image"].dropna() if "pool_bytes_per_image" in df else pd.Series(dtype=float)
+    item_shape = "x".join(map(str, result.image_shape if result.image_shape else result.feature_shape))
+    items = "images" if shares_images(share) else "features"
     notes = [
         f"Flower run {context.run_id}: {status} in {seconds:.0f} s (preset `{cfg.name}`, config digest "
         f"{cfg.digest()}, artefact key {store_key}).",
+        f"Sharing mode `{share}` ({mode_name(share, cfg.mdp.rounds)}).",
         f"{'Error: ' + error if error else ''}",
-        f"Pool per shared image: {per_image.mean():,.0f} bytes (features {'x'.join(map(str, result.feature_shape))} "
-        f"float32 and an int64 label, as sent)." if len(per_image) else "",
-        "Columns: top1_original / top1_poisoned = the shared decider φ2 (pretrained by "
+        f"Pool per shared image: {per_image.mean():,.0f} bytes ({items} {item_shape} float32 and an int64 label, "
+        "as sent)." if len(per_image) else "",
+        "Columns: items_shared = items in the entity's pool; disclosure_ssim = the sender's mean SSIM between "
+        "each shared item and the real image it shows (raw: the image itself, 1; MDP/AugMDP: the selected "
+        "image the modified one is built to resemble; DPM: the larger of SSIM(ψ(pool), x) and "
+        "SSIM(1 - ψ(pool), x)); label_ssim = the same against the real image whose label the item carries. "
+        "DPM mode only: top1_original / top1_poisoned = the shared decider φ2 (pretrained by "
         f"{cfg.backbone.pretrain_on}) on the original / the entity's poisoned test features, before any "
         "refinement; ssim_pool = SSIM between ψ(pool) and the entity's own images (ssim_pool_inverted uses "
-        "1 - ψ); top1_own = φ2 refined on the entity's own φ1 features only; top1_refined / top5_refined = "
-        "φ2 refined on its own features plus the pools received from the other healthy entities. "
-        "Accuracies in % on the common test split of S.",
+        "1 - ψ). top1_own = φ2 refined on the entity's own φ1 features only; top1_refined / top5_refined = "
+        "φ2 refined on its own features plus the pools received from the other healthy entities (φ1 of the "
+        "images in the image modes). Accuracies in % on the common test split of S.",
         "Phases:\n\n" + markdown_table(phases, ".1f"),
     ]
-    md = write_table(df, out, "summary", f"Flower collaboration: {cfg.name}", "\n\n".join(n for n in notes if n))
+    title = f"Flower collaboration: {cfg.name}, sharing {mode_name(share, cfg.mdp.rounds)}"
+    md = write_table(df, out, "summary", title, "\n\n".join(n for n in notes if n))
     log.info("wrote %s (and config.json, run.json, messages.csv, %d pools)", md, len(result.pools))

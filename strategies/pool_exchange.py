@@ -1,16 +1,20 @@
-"""PoolExchange: a Flower strategy that exchanges poisoned feature pools instead of averaging weights.
+"""PoolExchange: a Flower strategy that exchanges shared pools instead of averaging weights.
 
 Deep Poisoning's collaboration (Sec. 3.1 and 4.3 of the paper) has three steps, and each is one
 round of messages here:
 
 1. ``train.pretrain`` goes to the designated entity only. It pretrains Φ on its own images, trains
-   ψ on the public set and returns the weights of φ1, φ2 and ψ: the only weights that ever travel.
-2. ``train.pool`` broadcasts those weights. Each entity trains its private DPM P_k (which never
-   leaves it) and returns its poisoned pool P_k(φ1(S_k)) with labels and local metrics. The
-   strategy validates every pool; an entity whose pool is malformed is left out and recorded.
+   ψ on the public set and returns the weights of φ1, φ2 and ψ (the only weights that ever
+   travel) with the shapes of φ1's features and of the images.
+2. ``train.pool`` broadcasts those weights. Each entity builds its contribution in the run's
+   sharing mode (``collab.share``, :mod:`entities.sharing`) and returns it with labels and local
+   metrics: in ``dpm`` mode its poisoned pool P_k(φ1(S_k)), from a private DPM P_k that never
+   leaves it; in ``mdp``/``augmdp`` mode MDP's modified images, in ``raw`` mode its images (both
+   float32 in [0, 1]). The strategy validates every pool against the shape the mode sends;
+   an entity whose pool is malformed is left out and recorded.
 3. ``train.refine`` sends each entity the union of the *other* healthy entities' pools. Each
-   refines its decider φ2 on its own features plus what it received and reports top-1/top-5 on
-   the common test split.
+   refines its decider φ2 on its own features plus what it received (φ1 of the images in the
+   image modes) and reports top-1/top-5 on the common test split.
 
 Before step 1 a ``query.entity`` round asks every SuperNode which entity it is, so the strategy
 can address the pretrainer and name entities in its results. Any entity that raises, times out or
@@ -32,7 +36,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from entities.entity import Pool
-from entities.pools import validate_pool
+from entities.pools import validate_shared
+from entities.sharing import DPM, check_mode, shares_images
 from strategies.records import pack_pool, unpack_pool
 
 log = logging.getLogger("poisonpool")
@@ -67,10 +72,12 @@ class CollaborationResult:
     """Everything a run produced on the server side, filled in as the rounds go."""
 
     entities: dict[str, EntityStatus]
+    share: str = DPM  # the sharing mode: what the pools hold
     shared: ArrayRecord = field(default_factory=ArrayRecord)
     pools: dict[str, Pool] = field(default_factory=dict)
     pool_bytes: dict[str, int] = field(default_factory=dict)
     feature_shape: tuple[int, ...] = ()
+    image_shape: tuple[int, ...] = ()  # from the pretrainer's reply; checked in the image modes only
     phases: list[tuple[str, float]] = field(default_factory=list)
 
     def healthy(self) -> list[str]:
@@ -92,23 +99,28 @@ class PoolExchange(Strategy):
         Fewest healthy entities with which exchanging pools still makes sense.
     node_wait : float (default: 120)
         Seconds to wait for all SuperNodes to register before starting.
+    share : str (default: "dpm")
+        The sharing mode (``collab.share``): what the pools hold, hence how they are checked.
+        An unknown mode raises ValueError before any message is sent.
     """
 
     def __init__(self, entities: list[str], pretrain_on: str, num_classes: int, min_healthy: int = 2,
-                 node_wait: float = 120.0) -> None:
+                 node_wait: float = 120.0, share: str = DPM) -> None:
         if pretrain_on not in entities:
             raise ValueError(f"pretrain_on={pretrain_on!r} must be one of the entities {entities}")
+        self.share = check_mode(share)
         self.entities = list(entities)
         self.pretrain_on = pretrain_on
         self.num_classes = num_classes
         self.min_healthy = min_healthy
         self.node_wait = node_wait
-        self.result = CollaborationResult({n: EntityStatus(n) for n in entities})
+        self.result = CollaborationResult({n: EntityStatus(n) for n in entities}, self.share)
         self._sent: dict[int, str] = {}  # node id -> entity of the messages in flight
 
     def summary(self) -> None:
-        log.info("PoolExchange: entities %s, pretraining on %s, %d classes, at least %d healthy entities",
-                 ", ".join(self.entities), self.pretrain_on, self.num_classes, self.min_healthy)
+        log.info("PoolExchange: entities %s, pretraining on %s, %d classes, at least %d healthy entities, "
+                 "sharing mode %s", ", ".join(self.entities), self.pretrain_on, self.num_classes, self.min_healthy,
+                 self.share)
 
     # --- the three steps as train rounds -------------------------------------------------------
 
@@ -128,7 +140,8 @@ class PoolExchange(Strategy):
             if server_round == 2:
                 content["shared"] = arrays
             elif server_round == 3:
-                content["pool"] = pack_pool(Pool.union([self.result.pools[o] for o in targets if o != name]))
+                others = Pool.union([self.result.pools[o] for o in targets if o != name])
+                content["pool"] = pack_pool(others, self.share)
             messages.append(Message(content=content, dst_node_id=status[name].node_id,
                                     message_type=STEPS[server_round]))
         return messages
@@ -150,10 +163,14 @@ class PoolExchange(Strategy):
                 if server_round == 1:
                     arrays = content["shared"]
                     self.result.shared = arrays
-                    self.result.feature_shape = tuple(int(d) for d in content["info"]["feature-shape"])
+                    info = content["info"]
+                    self.result.feature_shape = tuple(int(d) for d in info["feature-shape"])
+                    if shares_images(self.share):
+                        self.result.image_shape = tuple(int(d) for d in info["image-shape"])
                 elif server_round == 2:
-                    pool = unpack_pool(content["pool"])
-                    validate_pool(name, pool, self.result.feature_shape, self.num_classes)
+                    pool = unpack_pool(content["pool"], self.share)
+                    validate_shared(name, pool, self.share, self.result.feature_shape, self.result.image_shape,
+                                    self.num_classes)
                     self.result.pools[name] = pool
                     self.result.pool_bytes[name] = content["pool"].count_bytes()
             except (KeyError, TypeError, ValueError) as err:  # PoolError is a ValueError
@@ -191,7 +208,9 @@ class PoolExchange(Strategy):
             raise CollaborationError(f"step 1 failed: {self.pretrain_on} returned no shared modules "
                                      f"({self.result.entities[self.pretrain_on].failure or 'no reply'})")
         log.info("shared modules: %d arrays, %.2f MB", len(shared), shared.count_bytes() / 1e6)
-        for server_round, what in ((2, "every entity trains its private DPM and shares its poisoned pool"),
+        share = ("every entity trains its private DPM and shares its poisoned pool" if self.share == DPM
+                 else f"every entity shares its pool in sharing mode {self.share}")
+        for server_round, what in ((2, share),
                                    (3, "every entity refines its decider on its features plus the others' pools")):
             with self._phase(f"step {server_round}: {what}"):
                 _, metrics = self._round(grid, server_round, shared, config, timeout)

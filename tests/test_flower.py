@@ -32,7 +32,7 @@ from entities.pools import load_pool, validate_pool
 from entities.train import extract_features
 from sim import server_app
 from sim.app_config import config_from_run_config
-from sim.audit import array_digest
+from sim.audit import array_digest, matching_images
 from sim.client_app import app as client_app
 from strategies.pool_exchange import CollaborationError
 from strategies.records import SHARED_PARTS
@@ -145,6 +145,9 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
     assert (df["ssim_pool"].abs() < 0.5).all()
     # 64x8x8 float32 features and an int64 label per image, plus the .npy headers of two arrays
     assert df["pool_bytes_per_image"].between(64 * 8 * 8 * 4 + 8, 64 * 8 * 8 * 4 + 8 + 300).all()
+    # The default sharing mode, and each sender's disclosure: the ψ SSIM of its pool, either way round.
+    assert set(df["share"]) == {"dpm"} and (df["items_shared"] == df["num-examples"]).all()
+    assert np.allclose(df["disclosure_ssim"], df[["ssim_pool", "ssim_pool_inverted"]].max(axis=1))
     split = load_task(cfg)
     shards = entity_shards(cfg, split)
     for name in entity_names(cfg):
@@ -209,7 +212,8 @@ class LocalGrid(Grid):
     """The real ClientApp called in this process, one Context per node, with faults injected.
 
     ``faults`` maps a partition-id to what its entity does wrong in step 2: ``raise`` (the ClientApp
-    raises), ``nan`` (its pool has a NaN) or ``shape`` (its pool has the wrong feature shape).
+    raises), ``nan`` (its pool has a NaN), ``shape`` (its pool has the wrong feature shape) or
+    ``range`` (a value of 1.5, outside an image's [0, 1]).
     """
 
     def __init__(self, run_config: dict, num_nodes: int, faults: dict[int, str]) -> None:
@@ -253,18 +257,20 @@ class LocalGrid(Grid):
             except Exception as err:  # what a SuperNode does with a ClientApp exception
                 replies.append(Message(Error(code=1, reason=repr(err)), reply_to=msg))
                 continue
-            if fault in ("nan", "shape"):
-                features = reply.content["pool"]["features"].numpy().copy()
+            if fault in ("nan", "shape", "range"):
+                key = "features" if "features" in reply.content["pool"] else "images"
+                features = reply.content["pool"][key].numpy().copy()
                 features = features[:, :, :4, :4].copy() if fault == "shape" else features
-                features[0, 0, 0, 0] = np.nan if fault == "nan" else features[0, 0, 0, 0]
-                reply.content["pool"]["features"] = Array(features)
+                features[0, 0, 0, 0] = {"nan": np.nan, "range": 1.5}.get(fault, features[0, 0, 0, 0])
+                reply.content["pool"][key] = Array(features)
             replies.append(reply)
         return replies
 
 
-def run_in_process(results: Path, run_name: str, faults: dict[int, str]) -> tuple[Path, LocalGrid]:
+def run_in_process(results: Path, run_name: str, faults: dict[int, str], settings: tuple[str, ...] = ()
+                   ) -> tuple[Path, LocalGrid]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 0
-    run_config = {"preset": "collab-tiny", "overrides": " ".join(SETTINGS), "results-root": str(results),
+    run_config = {"preset": "collab-tiny", "overrides": " ".join((*SETTINGS, *settings)), "results-root": str(results),
                   "run-name": run_name, "timeout": 60, "node-wait": 1}
     grid = LocalGrid(run_config, 4, faults)
     server_app.app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
@@ -292,6 +298,93 @@ def test_fewer_than_two_healthy_entities_stop_with_a_clear_error(sim_run, result
     run = pd.read_json(results / "flower" / "too-few" / "run.json", typ="series")
     assert run["status"] == "failed" and "at least 2" in run["error"]
     assert "features of shape (64, 4, 4)" in run["failures"]["E2"]
+
+
+# MDP small enough for a test: 5 PGD steps, one batch per entity (the store keeps the sets).
+MDP_SETTINGS = ("mdp.steps=5", "mdp.batch_size=200")
+
+
+@pytest.fixture(scope="module")
+def image_runs(sim_run, results) -> dict[str, SimpleNamespace]:
+    """The collaboration in process with ``collab.share`` mdp, augmdp and raw, reusing the DPM run's Step 1.
+
+    Raw sharing is the audit's positive control: there the entities' real images do cross.
+    """
+    runs = {}
+    for mode in ("mdp", "augmdp", "raw"):
+        out, grid = run_in_process(results, f"share-{mode}", {}, (f"collab.share={mode}", *MDP_SETTINGS))
+        runs[mode] = SimpleNamespace(out=out, grid=grid, summary=pd.read_csv(out / "summary.csv").set_index("entity"))
+    return runs
+
+
+def test_mdp_sharing_mode_sends_images_and_reports_their_disclosure(sim_run, image_runs):
+    cfg, out, df = sim_run.cfg, image_runs["mdp"].out, image_runs["mdp"].summary
+    run = pd.read_json(out / "run.json", typ="series")
+    assert run["status"] == "completed" and not run["failures"] and run["share"] == "mdp"
+    assert list(df.index) == entity_names(cfg) and set(df["status"]) == {"ok"} and set(df["share"]) == {"mdp"}
+    assert df[["top1_own", "top1_refined", "top5_refined"]].apply(lambda c: c.between(0, 100)).all().all()
+    assert (df["items_shared"] == df["num-examples"]).all()
+    assert (df["received_images"] == df["items_shared"].sum() - df["items_shared"]).all()
+    assert "sharing MDP" in (out / "summary.md").read_text()
+
+    # Images crossed, in both directions, and never features.
+    image_shape = load_task(cfg).S.train_images.shape[1:]
+    msgs = pd.read_csv(out / "messages.csv", keep_default_na=False)
+    pools = msgs[(msgs["kind"] == "array") & (msgs["record"] == "pool")]
+    assert set(pools["item"]) == {"images", "labels"}
+    images = pools[pools["item"] == "images"]
+    assert set(images["dtype"]) == {"float32"} and set(images["message_type"]) == {"train.pool", "train.refine"}
+    assert images["shape"].str.endswith("x" + "x".join(map(str, image_shape))).all()
+    sent = [c["pool"]["images"].numpy() for c in image_runs["mdp"].grid.payloads if "pool" in c]
+    assert len(sent) == 4 and all(x.min() >= 0 and x.max() <= 1 for x in sent)
+
+    # What the senders report: MDP images look like real images of the sender, DPM pools do not.
+    dpm = pd.read_csv(sim_run.out / "summary.csv")["disclosure_ssim"]
+    mdp = df["disclosure_ssim"]
+    assert mdp.min() > 0.9 and mdp.min() > dpm.max() + 0.3, (list(mdp), list(dpm))
+    assert (df["label_ssim"] < mdp - 0.3).all()  # the label is another image's: the target, not the one shown
+
+
+def test_message_audit_in_the_image_sharing_modes(sim_run, image_runs):
+    """No DPM tensor crosses in any mode; (Aug)MDP sends no real image, raw sends every one (positive control)."""
+    cfg = sim_run.cfg
+    dpm_files = sorted(ArtefactStore(cfg).root.joinpath("private").glob("E*/dpm-*.pt"))
+    assert len(dpm_files) == 4  # trained by the DPM run in the same store, so they could have leaked
+    split = load_task(cfg)
+    shards = entity_shards(cfg, split)
+    for mode, run in image_runs.items():
+        msgs = pd.read_csv(run.out / "messages.csv", keep_default_na=False)
+        arrays = msgs[msgs["kind"] == "array"]
+        assert set(arrays["record"]) == {"shared", "pool"}
+        assert set(arrays.loc[arrays["record"] == "pool", "item"]) == {"images", "labels"}
+        per_image = cfg.mdp.rounds if mode == "augmdp" else 1  # AugMDP(T) shares T modified sets
+        assert (run.summary["items_shared"] == per_image * run.summary["num-examples"]).all()
+        digests = set(arrays["sha256"])
+        for path in dpm_files:
+            for name, tensor in torch.load(path, weights_only=True).items():
+                if tensor.numel() > 1:
+                    assert array_digest(tensor.numpy()) not in digests, f"{mode}: {path.parent.name}'s DPM {name}"
+        for name, idx in shards.items():
+            pool, meta = load_pool(run.out / "artefacts" / "pools" / f"{name}.pt")
+            assert meta["share"] == mode and array_digest(pool.features.numpy()) in digests  # what crossed
+            shown = matching_images(pool.features.numpy(), split.S.train_images[idx])
+            if mode == "raw":
+                assert np.array_equal(shown, np.arange(len(idx))), f"raw: {name} sent {len(shown)} real images"
+            else:
+                assert len(shown) == 0, f"{mode}: {name} sent {len(shown)} of its real images unmodified"
+
+
+def test_image_pool_outside_unit_range_is_left_out(sim_run, results):
+    out, _ = run_in_process(results, "share-raw-range", {3: "range"}, ("collab.share=raw",))
+    run = pd.read_json(out / "run.json", typ="series")
+    assert run["status"] == "completed" and set(run["failures"]) == {"E4"}
+    assert "pixel values must lie in [0, 1]" in run["failures"]["E4"] and "1.5" in run["failures"]["E4"]
+
+
+def test_unknown_sharing_mode_fails_naming_the_valid_ones(results):
+    valid = r"unknown sharing mode 'bogus' \(collab\.share\); valid: dpm, mdp, augmdp, raw"
+    with pytest.raises(ValueError, match=valid):  # raised by the strategy before any message is sent
+        run_in_process(results, "bad-mode", {}, ("collab.share=bogus",))
 
 
 @pytest.fixture
