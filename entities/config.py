@@ -82,15 +82,17 @@ class Table5Config:
 class MDPConfig:
     """Mapping Distortion Protection (entities/mdp.py): PGD settings and the AugMDP size T.
 
-    Step size and ε are in 8-bit intensity levels (1/255 of the [0, 1] range); see entities/mdp.py
-    for why the paper's "step size 0.1" is read that way.
+    Under ℓ∞ step size and ε are in 8-bit intensity levels (1/255 of the [0, 1] range), under ℓ2
+    they are ℓ2 lengths in the [0, 1] range; see entities/mdp.py for why the paper's "step size 0.1"
+    is read that way and what the authors' code does.
     """
 
     steps: int = 100  # PGD iterations: the paper uses 100 for CIFAR-10 and 40 for faces
-    step_size: float = 0.1  # ℓ∞ step per iteration, in 8-bit levels
+    step_size: float = 0.1  # step per iteration (ℓ∞: 8-bit levels; ℓ2: length in [0, 1] units)
+    norm: str = "linf"  # "linf" (the paper's text) or "l2" (the authors' released code)
     p: float = 2.0  # norm of the feature distance ||f(x_m) - f(x_t)||_p
     layer: str = "penultimate"  # "penultimate", "logits" or a hook point such as "conv4_1"
-    epsilon: float = 0.0  # ℓ∞ ball around x_s in 8-bit levels; 0 = no projection (the paper)
+    epsilon: float = 0.0  # ball around x_s in the units of step_size; 0 = no projection (the paper)
     rounds: int = 2  # T of AugMDP(T)
     batch_size: int = 128
     image_size: int = 0  # resize images to this many pixels (0 = the loader's size), for CPU scale

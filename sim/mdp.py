@@ -27,7 +27,7 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import TaskSplit
 from entities.entity import Entity
-from entities.mdp import ModifiedSet, build_augmented_set, ssim_to
+from entities.mdp import ModifiedSet, build_augmented_set, describe_pgd, ssim_to
 from entities.pipeline import (
     ArtefactStore,
     cached_features,
@@ -218,8 +218,8 @@ def reproduce(cfg: Config, faces: Config | None) -> list[dict]:
             f"AugMDP({t}) (T = {t} modified sets with different selections, so twice the images). Every model of "
             "a data set uses the same recipe (SGD, crop+flip, the epochs shown); the 'original' model is also "
             "the one that crafts the modified sets. 'majority class' = top-1 of always predicting the most "
-            "frequent test class. PGD: ℓ∞ sign steps of {cfg.mdp.step_size}/255, "
-            f"p = {cfg.mdp.p} distance at the {cfg.mdp.layer} layer, no ε-ball. Paper: ResNet-50 on all of "
+            f"frequent test class. {describe_pgd(cfg.mdp)}, "
+            f"p = {cfg.mdp.p} distance at the {cfg.mdp.layer} layer. Paper: ResNet-50 on all of "
             "CIFAR-10 and IR-50 on restricted CASIA-WebFace (1,000 people); restricted CASIA-WebFace is not "
             "available here, so LFW-min20 (its 12 people with >= 50 images, 32 px) stands in for it.")
     md = write_table(pd.DataFrame(rows1), out_dir, "table1", "Table 1: training on MDP and AugMDP sets", note)
@@ -280,8 +280,8 @@ def compare(cfg: Config) -> pd.DataFrame:
         f"pretrained on {cfg.backbone.pretrain_on}'s shard and split at {cfg.backbone.hook}. Utility: E1 refines "
         f"φ2 on φ1 of its own images plus what E2..En shared (the paper's Step 3, {cfg.decider.epochs} epochs), "
         f"top-1 on {len(S.test_labels)} held-out test images. MDP/AugMDP: each sender builds its modified set "
-        "from its own shard with the shared Φ (penultimate layer, PGD-"
-        f"{cfg.mdp.steps}, step {cfg.mdp.step_size}/255); the images are shared and E1 featurizes them. "
+        f"from its own shard with the shared Φ ({cfg.mdp.layer} layer, {describe_pgd(cfg.mdp)}); the images "
+        "are shared and E1 featurizes them. "
         "Disclosure: SSIM between what was shared and the sender's real image it shows: for raw images the "
         "image itself, for MDP the selected image x_s (MDP hides the label mapping, not the images), for "
         "DPM ψ's reconstruction of the poisoned pool (the larger of SSIM and SSIM of 1 - ψ). The last column "

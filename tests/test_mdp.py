@@ -68,6 +68,22 @@ def test_epsilon_ball_bounds_the_change(model, data):
     assert 1.5 * LEVEL < change <= 2 * LEVEL + 1e-3
 
 
+def test_l2_steps_of_the_authors_code_bound_each_images_path(model, data):
+    images, labels = data
+    x, y = images[:20], labels[:20]
+    cfg = MDPConfig(steps=10, step_size=0.2, norm="l2", batch_size=20)
+    m = build_modified_set(model, x, y, cfg, seed=1)
+    moved = torch.linalg.vector_norm((m.images.float() - to_float(x[m.selected_index])).flatten(1), dim=1)
+    assert (moved > 0.2).all() and (moved <= cfg.steps * cfg.step_size + 1e-2).all()
+    assert m.distance_end.mean() < m.distance_start.mean()
+    ball = build_modified_set(model, x, y, MDPConfig(steps=10, step_size=0.2, norm="l2", epsilon=0.3,
+                                                     batch_size=20), seed=1)
+    moved = torch.linalg.vector_norm((ball.images.float() - to_float(x[ball.selected_index])).flatten(1), dim=1)
+    assert (moved <= 0.3 + 1e-2).all() and moved.max() > 0.25
+    with pytest.raises(MDPError, match="unknown MDP norm 'l1'"):
+        build_modified_set(model, x, y, MDPConfig(steps=1, norm="l1"))
+
+
 def test_selection_is_seeded_and_never_the_target():
     a, b = select_images(500, 0), select_images(500, 1)
     assert np.array_equal(a, select_images(500, 0)) and not np.array_equal(a, b)
