@@ -26,15 +26,20 @@ from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
 from entities.pools import PoolError, load_pool, validate_pool
+from entities.sharing import AUGMDP, DPM, MDP, contribute, describe, received_pool
 from entities.train import evaluate_classifier, pretrain, train_decider
 
 RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"
+# Part of every row's key: raise it when the way a row is computed changes, so that rows stored by
+# an older version are computed anew instead of being served as if they were current.
+ROW_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class Row:
     """One line of the table. ``parts`` name the training data: ``raw:E1`` (S1's images),
-    ``raw:S`` (all of S), ``phi1:E1`` (φ1(S1)) and ``pool:E2`` (P2(φ1(S2)))."""
+    ``raw:S`` (all of S), ``phi1:E1`` (φ1(S1)) and ``pool:E2`` (what E2 shares: P2(φ1(S2)) in the
+    paper, or E2's MDP, AugMDP or raw images in the other sharing modes)."""
 
     id: str
     entity: str  # whose classifier it is; empty for the reference rows 5, 6 and the extras
@@ -46,13 +51,14 @@ class Row:
         """Entities whose ``what`` (raw, phi1, pool) this row trains on."""
         return [p.split(":")[1] for p in self.parts if p.startswith(what + ":")]
 
-    def describe(self) -> str:
+    def describe(self, share: str = DPM, rounds: int = 2) -> str:
         def one(part: str) -> str:
             what, who = part.split(":")
             k = who[1:]
             if what == "raw":
                 return "raw images S" if who == "S" else f"raw images S{k}"
-            return f"ϕ1(S{k})" if what == "phi1" else f"P{k}(ϕ1(S{k}))"
+            return f"ϕ1(S{k})" if what == "phi1" else f"ϕ1({describe(share, who, rounds)})" if share != DPM \
+                else describe(share, who, rounds)
 
         text = " ∪ ".join(one(p) for p in self.parts)
         return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own ϕ1 features" if self.kind == FEDAVG else text
@@ -106,24 +112,42 @@ def raw_epochs(row: Row, cfg: Config) -> int:
     return cfg.table5.all_epochs if row.uses("raw") == ["S"] else cfg.pretrain.epochs
 
 
+def _hash(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def contributions_key(cfg: Config, pool_source: str) -> str:
+    """A hash of what the entities' contributions depend on: Step 1, the sharing mode and its settings."""
+    d = cfg.to_dict()
+    share = cfg.collab.share
+    settings = {"format": ROW_FORMAT, "data": d["data"], "backbone": d["backbone"], "pretrain": d["pretrain"],
+                "pools": pool_source, "share": share}
+    settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"]} if share == DPM else {}
+    settings |= {"mdp": d["mdp"]} if share in (MDP, AUGMDP) else {}
+    return _hash(settings)
+
+
 def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
     """A hash of exactly what the row's figure depends on: other settings may change freely."""
     d = cfg.to_dict()
-    settings = {"row": dataclasses.astuple(row)[:4], "seed": seed, "data": d["data"], "backbone": d["backbone"],
-                "pretrain": d["pretrain"]}
+    settings = {"format": ROW_FORMAT, "row": dataclasses.astuple(row)[:4], "seed": seed, "data": d["data"],
+                "backbone": d["backbone"], "pretrain": d["pretrain"]}
     if row.kind == RAW:
         settings["epochs"] = raw_epochs(row, cfg)
     else:
         settings["decider"] = d["decider"]
     if row.uses("pool"):
-        settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"], "pools": pool_source}
+        settings["contributions"] = contributions_key(cfg, pool_source)
     if row.kind == FEDAVG:
         settings["fedavg"] = [cfg.table5.fedavg_rounds, cfg.table5.fedavg_local_epochs]
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return _hash(settings)
 
 
 class RowStore:
-    """Finished rows of one run, one JSON file per (row, seed, settings key): the run's resume state."""
+    """Finished rows of one run, one JSON file per (row, seed, settings key): the run's resume state.
+
+    The entities' contribution metrics (disclosure, size) are kept the same way, under their own key.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir / "rows"
@@ -132,13 +156,24 @@ class RowStore:
         return self.dir / f"row{row.id}-seed{seed}-{key}.json"
 
     def get(self, row: Row, seed: int, key: str) -> dict | None:
-        path = self.path(row, seed, key)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self._read(self.path(row, seed, key))
 
     def put(self, row: Row, seed: int, key: str, result: dict) -> dict:
         """Write atomically (a kill never leaves half a row) and return the record as stored."""
-        record = {**result, "row": row.id, "seed": seed, "key": key}
-        path = self.path(row, seed, key)
+        return self._write(self.path(row, seed, key), {**result, "row": row.id, "seed": seed, "key": key})
+
+    def get_contributions(self, key: str) -> dict | None:
+        return self._read(self.dir / f"contributions-{key}.json")
+
+    def put_contributions(self, key: str, metrics: dict) -> dict:
+        return self._write(self.dir / f"contributions-{key}.json", metrics)
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @staticmethod
+    def _write(path: Path, record: dict) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
@@ -152,7 +187,8 @@ class RowStore:
 @dataclass
 class GridInputs:
     """Step 1 and Step 2 of the collaboration: Φ (pretrained on the configured shard), each
-    entity's φ1 features and its poisoned pool, and the φ1 features of S's test split."""
+    entity's φ1 features, the features a receiver gets from what it shares (its poisoned pool, or
+    φ1 of its MDP, AugMDP or raw images), and the φ1 features of S's test split."""
 
     backbone: Backbone
     own: dict[str, Pool]
@@ -162,9 +198,10 @@ class GridInputs:
 
 
 def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0) -> GridInputs:
-    """Pretrain Φ, train ψ and the four private DPMs (each stored once), featurize every shard.
+    """Pretrain Φ, train ψ, featurize every shard and build each entity's contribution in the
+    sharing mode ``cfg.collab.share`` (private DPMs or MDP sets, each stored once).
 
-    ``pools`` given (from a Flower run) replaces the DPMs: those pools are shared as they are.
+    ``pools`` given (DPM pools of a Flower run) replaces the DPMs: those pools are shared as they are.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -177,9 +214,13 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
         entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], store)
         own[name] = entity.featurize(shared)
         if pools is None:
-            entity.train_dpm(shared, cfg, seed=cfg.data.seed)
-            made[name] = entity.poisoned_pool()
-            metrics[name] = entity.pool_metrics(shared, test_features, split.S.test_labels)
+            sent = contribute(entity, shared, cfg, seed=cfg.data.seed)
+            made[name] = received_pool(sent.data, sent.labels, sent.mode, shared.phi1)
+            metrics[name] = {"items_shared": len(sent), "bytes_per_image": sent.data[0].numel() * 4 * len(sent)
+                             / len(entity.labels), "disclosure_ssim": sent.disclosure,
+                             "label_ssim": sent.label_disclosure}
+            if sent.mode == DPM:
+                metrics[name] |= entity.pool_metrics(shared, test_features, split.S.test_labels)
     return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics)
 
 

@@ -2,18 +2,24 @@
 
     python -m sim.table5 [--rows 1 7 12 fedavg] [--seeds 3] [--config collab] [--set decider.epochs=10]
                          [--sequential | --address auto] [--from-flower results/flower/<run>]
-                         [--partition dirichlet --alpha 0.3] [--run NAME]
+                         [--partition dirichlet --alpha 0.3] [--share dpm mdp augmdp raw] [--run NAME]
 
 Step 1 (Φ pretrained on E1's shard, ψ on Q) and the four private DPMs are made once by one task and
 stored under ``results/artefacts/<key>/``; φ1 features and pools then reach the decider rows through
 Ray's object store. Rows on raw images (1-5) train whole backbones and run beside Step 1. Each
 finished row is written to ``results/table5/<run>/rows/`` under a key of its settings, so a killed
 run started again skips it, and a changed setting computes it anew.
+
+``--share`` runs the grid once per sharing mode: what an entity contributes to rows 7-12 is its
+poisoned pool (dpm, the paper), φ1 of its MDP or AugMDP images, or φ1 of its raw images. Rows that
+use no contribution are computed once and reused by every mode, and ``sharing.md`` sets utility
+(top-1) beside visual disclosure (SSIM between what was shared and the real images) per mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from entities.config import Config
+from entities.config import CollabConfig, Config
 from entities.grid import (
     FEDAVG,
     RAW,
@@ -35,6 +41,7 @@ from entities.grid import (
     Row,
     RowStore,
     check_entities,
+    contributions_key,
     feature_row,
     feature_shape,
     fedavg_row,
@@ -47,8 +54,11 @@ from entities.grid import (
     row_key,
     select_rows,
 )
+from entities.mdp import describe_pgd
 from entities.pipeline import entity_shards, load_task
 from entities.report import write_json, write_table
+from entities.sharing import DPM, SHARE_MODES, check_mode, mode_name
+from entities.sharing import RAW as RAW_IMAGES
 from sim.cli import add_config_args, config_from_args, run_main, setup_logging
 
 log = logging.getLogger("poisonpool")
@@ -134,15 +144,20 @@ def run_grid(cfg: Config, rows: list[Row], seeds: list[int], executor, run_dir: 
     shards = entity_shards(cfg, split)
     num_classes = len(split.S.classes)
     store = RowStore(run_dir)
-    pools, pool_source = None, "dpm"
+    pools, pool_source = None, "own"
     pool_names = sorted({e for r in rows for e in r.uses("pool")})
     if flower_dir is not None and pool_names:
+        if cfg.collab.share != DPM:
+            raise ValueError(f"--from-flower takes DPM pools; it cannot stand in for collab.share = "
+                             f"{cfg.collab.share!r}")
         labels = {n: split.S.train_labels[idx] for n, idx in shards.items()}
         shape = feature_shape(cfg, split.S.image_shape, num_classes)
         pools, digest = load_flower_pools(flower_dir, cfg, pool_names, labels, shape, num_classes)
         pool_source = f"flower:{digest}"
 
     run = GridRun()
+    contributions = contributions_key(cfg, pool_source)
+    run.pool_metrics = store.get_contributions(contributions) or {}
     todo = []
     for row in rows:
         for seed in seeds:
@@ -177,7 +192,7 @@ def run_grid(cfg: Config, rows: list[Row], seeds: list[int], executor, run_dir: 
             if err is not None:
                 failures += [(f"Step 1 (needed by rows {', '.join(sorted({j[0].id for j in later}))})", err)]
                 continue
-            run.pool_metrics = result.pool_metrics
+            run.pool_metrics = store.put_contributions(contributions, result.pool_metrics)
             pending |= _submit_feature_rows(executor, result, later, cfg, split, shards)
             continue
         row, seed, key = job
@@ -224,7 +239,7 @@ def _submit_feature_rows(executor, inputs: GridInputs, jobs: list, cfg: Config, 
 # --- the table, its checks and its chart ----------------------------------------------------------
 
 
-def summarise(rows: list[Row], seeds: list[int], run: GridRun) -> pd.DataFrame:
+def summarise(rows: list[Row], seeds: list[int], run: GridRun, share: str = DPM, rounds: int = 2) -> pd.DataFrame:
     """Mean (and spread over seeds) of top-1 and top-5 per row, beside the paper's figures."""
     out = []
     for row in rows:
@@ -232,7 +247,7 @@ def summarise(rows: list[Row], seeds: list[int], run: GridRun) -> pd.DataFrame:
         if not got:
             continue
         top1, top5 = np.array([g["top1"] for g in got]), np.array([g["top5"] for g in got])
-        line = {"row": row.id, "entity": row.entity or "–", "image data": row.describe(),
+        line = {"row": row.id, "entity": row.entity or "–", "image data": row.describe(share, rounds),
                 "train size": got[0]["n_train"], "top-1": top1.mean(), "top-5": top5.mean()}
         if len(seeds) > 1:
             line |= {"top-1 sd": top1.std(ddof=1) if len(got) > 1 else float("nan"),
@@ -285,17 +300,27 @@ def bar_chart(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, run_dir: Path, how: str) -> Path:
-    table = summarise(rows, seeds, run)
+def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, run_dir: Path, how: str,
+                  suffix: str = "") -> pd.DataFrame:
+    """table5{suffix}.md/.csv/.png and the contributions' table pools{suffix}; returns the table."""
+    share, rounds = cfg.collab.share, cfg.mdp.rounds
+    table = summarise(rows, seeds, run, share, rounds)
     checks = paper_checks(table)
     d = cfg.data
     top5 = ", top-5 is 100% by definition" if len(d.task_classes) <= 5 else ""
     sizes = ", ".join(f"E{i + 1} {f:.0%}" for i, f in enumerate(d.shard_fractions))
     partition = f"Dirichlet α = {d.alpha}" if d.partition == "dirichlet" else "iid"
+    if share == DPM:
+        shared = f"poisoned pools of private DPMs ({cfg.dpm.blocks} blocks, λ = {cfg.dpm.lam})"
+    elif share == RAW_IMAGES:
+        shared = "raw images, which the receiver featurizes with φ1 (no privacy: the baseline)"
+    else:
+        shared = (f"{mode_name(share, rounds)} images crafted with Φ ({describe_pgd(cfg.mdp)}), which the "
+                  "receiver featurizes with φ1")
     notes = " ".join([
         f"Ours: {d.dataset}, S = classes {d.task_classes} split into {partition} shards {sizes};",
         f"{cfg.backbone.name} pretrained on {cfg.backbone.pretrain_on}'s shard, split at {cfg.backbone.hook};",
-        f"ψ = {cfg.reconstructor.name} on Q; DPMs of {cfg.dpm.blocks} blocks, λ = {cfg.dpm.lam}.",
+        f"ψ = {cfg.reconstructor.name} on Q. Entities share {shared}.",
         f"Accuracy on S's held-out test split, mean over {len(seeds)} seed(s) {seeds}.",
         f"Rows 1-4 train {cfg.backbone.name} from scratch on the entity's raw images with the recipe Φ was",
         f"pretrained with ({cfg.pretrain.epochs} epochs), so row 1 at the first seed is Φ itself (evaluated,",
@@ -310,19 +335,46 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
         "(the seconds column is each row's own wall time when it was computed).",
     ])
     notes += "\n\nThe paper's claims, with our figures:\n\n" + "\n".join(f"- {c}" for c in checks)
-    md = write_table(table, run_dir, "table5", "Table 5: classifiers trained on raw images vs shared features (%)",
-                     notes)
+    title = "Table 5: classifiers trained on raw images vs shared features (%)"
+    md = write_table(table, run_dir, f"table5{suffix}", title + (f", sharing {mode_name(share, rounds)}"
+                                                                 if suffix else ""), notes)
     if len(table):
-        bar_chart(table, run_dir / "table5.png")
+        bar_chart(table, run_dir / f"table5{suffix}.png")
     if run.pool_metrics:
         pools = pd.DataFrame([{"entity": k, **v} for k, v in run.pool_metrics.items()])
-        write_table(pools, run_dir, "pools", "Each entity's private DPM and the pool it shares",
-                    "top1_original / top1_poisoned: Φ's φ2 on S's test features without / with this DPM; "
-                    "ssim_pool: SSIM of ψ's reconstruction from the shared pool against the entity's images.")
+        write_table(pools, run_dir, f"pools{suffix}", f"What each entity shares: {mode_name(share, rounds)}",
+                    "disclosure_ssim: mean SSIM between each shared item and the sender's real image it shows "
+                    "(for DPM ψ's reconstruction from the pool, the larger of SSIM(ψ, x) and SSIM(1 − ψ, x); for "
+                    "MDP the selected image; 1 for raw images); label_ssim: against the real image whose label it "
+                    "carries. bytes_per_image: float32 bytes shared per own image. DPM only: top1_original / "
+                    "top1_poisoned are Φ's φ2 on S's test features without / with this DPM.")
     write_json(cfg.to_dict(), run_dir / "config.json")
+    log.info("wrote %s", md)
     for c in checks:
         log.info("check: %s", c)
-    return md
+    return table
+
+
+def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rounds: int, run_dir: Path) -> Path:
+    """One line per sharing mode: what it discloses and what it is worth, for the same entities and data."""
+    lines = []
+    for mode, table in tables.items():
+        top1 = dict(zip(table["row"], table["top-1"], strict=True))
+        sent = list(metrics.get(mode, {}).values())
+        mean = {k: float(np.mean([m[k] for m in sent])) if sent else float("nan")
+                for k in ("bytes_per_image", "disclosure_ssim", "label_ssim")}
+        line = {"shared": mode_name(mode, rounds), "bytes per image": mean["bytes_per_image"],
+                "SSIM(shared, real image it shows)": mean["disclosure_ssim"],
+                "SSIM(shared, real image of its label)": mean["label_ssim"]}
+        line |= {f"row {r} top-1": top1.get(r, float("nan")) for r in ("7", "8", "9", "10", "11", "12")}
+        lines.append(line)
+    own = tables[next(iter(tables))]
+    own_top1 = dict(zip(own["row"], own["top-1"], strict=True))
+    alone = ", ".join(f"row {r} {own_top1[r]:.1f}" for r in ("1", "2", "3", "4", "6") if r in own_top1)
+    return write_table(pd.DataFrame(lines), run_dir, "sharing", "Table 5 by sharing mode: utility and visual "
+                       "disclosure", "Top-1 (%) of rows 7-12 when the pools P_k(ϕ1(S_k)) are replaced by what "
+                       "each mode shares; the rows without shared data do not depend on the mode (" + alone + "). "
+                       "SSIM columns: mean over the entities of the sender's own measurement (see pools-<mode>.md).")
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
@@ -338,7 +390,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     return ray.init(address=address, **local).dashboard_url or ""
 
 
-def main(argv: list[str] | None = None) -> GridRun:
+def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     parser = argparse.ArgumentParser(prog="python -m sim.table5", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="*", default=None, metavar="ID", help=f"rows to run (default all): {ROW_IDS}")
     parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds data.seed, data.seed+1, ...")
@@ -351,6 +403,9 @@ def main(argv: list[str] | None = None) -> GridRun:
                         help="take the poisoned pools from this `flwr run sim/` results directory")
     parser.add_argument("--partition", choices=("iid", "dirichlet"), default=None, help="how S is sharded")
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (small = skewed)")
+    parser.add_argument("--share", nargs="+", default=None, metavar="MODE",
+                        help=f"what entities share in rows 7-12, one grid per mode: {', '.join(SHARE_MODES)} "
+                             "(default: collab.share of the config, i.e. dpm, the paper)")
     parser.add_argument("--run", default=None, help="name of results/table5/<run>/ (default: the preset's name)")
     add_config_args(parser)
     parser.set_defaults(config="collab")
@@ -368,25 +423,40 @@ def main(argv: list[str] | None = None) -> GridRun:
     name = args.run or cfg.name + (f"-dirichlet{cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else "")
     run_dir = cfg.results_dir() / "table5" / name
 
+    modes = [check_mode(m) for m in dict.fromkeys(args.share or [cfg.collab.share])]
     if args.sequential:
-        executor, how = Sequential(cfg.threads), "sequential, in one process"
-        run = run_grid(cfg, rows, seeds, executor, run_dir, args.from_flower)
-    else:
-        import ray
+        return run_modes(cfg, modes, rows, seeds, Sequential(cfg.threads), "sequential, in one process", run_dir,
+                         args.from_flower)
+    import ray
 
-        url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
-        if url:
-            print(f"Ray dashboard: http://{url}", flush=True)
-        how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
-        try:
-            run = run_grid(cfg, rows, seeds, RayPool(args.cpus_per_row), run_dir, args.from_flower)
-        finally:
-            ray.shutdown()
-    md = write_outputs(cfg, rows, seeds, run, run_dir, how)
-    log.info("Table 5: %d rows computed, %d reused, %.0fs; wrote %s", len(run.computed), len(run.reused),
-             run.seconds, md)
-    print(md.read_text())
-    return run
+    url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
+    if url:
+        print(f"Ray dashboard: http://{url}", flush=True)
+    how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
+    try:
+        return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower)
+    finally:
+        ray.shutdown()
+
+
+def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], executor, how: str, run_dir: Path,
+              flower_dir: Path | None) -> dict[str, GridRun]:
+    """The grid once per sharing mode (rows that share nothing are stored once and reused), the
+    tables of each, and with several modes the table that compares them."""
+    runs, tables, metrics = {}, {}, {}
+    for mode in modes:
+        cfg_mode = dataclasses.replace(cfg, collab=CollabConfig(share=mode))
+        suffix = f"-{mode}" if len(modes) > 1 else ""
+        runs[mode] = run = run_grid(cfg_mode, rows, seeds, executor, run_dir, flower_dir)
+        tables[mode] = write_outputs(cfg_mode, rows, seeds, run, run_dir, how, suffix)
+        metrics[mode] = run.pool_metrics
+        log.info("Table 5, sharing %s: %d rows computed, %d reused, %.0fs", mode, len(run.computed),
+                 len(run.reused), run.seconds)
+        print((run_dir / f"table5{suffix}.md").read_text())
+    if len(modes) > 1:
+        md = sharing_table(tables, metrics, cfg.mdp.rounds, run_dir)
+        print(md.read_text())
+    return runs
 
 
 if __name__ == "__main__":

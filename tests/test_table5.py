@@ -50,7 +50,7 @@ def cfg_of(root, *extra: str):
 @pytest.fixture(scope="module")
 def grid(root):
     """The whole grid once, sequentially: every later test builds on its stored rows."""
-    run = table5.main(["--sequential", *settings(root)])
+    run = table5.main(["--sequential", *settings(root)])["dpm"]
     return run, root / "table5" / "table5-tiny"
 
 
@@ -75,16 +75,17 @@ def test_grid_writes_every_row_beside_the_paper(grid, root):
     assert 0 < (run_dir / "table5.png").stat().st_size < 1_000_000
     pools = pd.read_csv(run_dir / "pools.csv")
     assert list(pools["entity"]) == ["E1", "E2", "E3", "E4"] and pools["ssim_pool"].notna().all()
+    assert (pools["disclosure_ssim"] >= pools[["ssim_pool", "ssim_pool_inverted"]].max(axis=1) - 1e-6).all()
 
 
 def test_rerun_reuses_every_finished_row(grid, root):
-    again = table5.main(["--sequential", *settings(root)])
+    again = table5.main(["--sequential", *settings(root)])["dpm"]
     assert again.computed == [] and len(again.reused) == len(ROW_IDS)
     assert again.results == grid[0].results
 
 
 def test_changed_setting_recomputes_only_rows_it_affects(grid, root):
-    run = table5.main(["--sequential", "--rows", "4", "6", *settings(root, "decider.epochs=1")])
+    run = table5.main(["--sequential", "--rows", "4", "6", *settings(root, "decider.epochs=1")])["dpm"]
     assert run.computed == [("6", 0)] and run.reused == [("4", 0)]  # raw row 4 has no decider
     assert run.results[("6", 0)]["key"] != grid[0].results[("6", 0)]["key"]
 
@@ -102,12 +103,12 @@ def test_killed_run_keeps_finished_rows_and_resumes(grid, root, monkeypatch):
     with pytest.raises(table5.GridError, match="row 8 seed 0 failed"):
         table5.main(["--sequential", "--rows", "7", "8", *fresh])
     monkeypatch.setattr(table5, "feature_row", real)
-    resumed = table5.main(["--sequential", "--rows", "7", "8", *fresh])
+    resumed = table5.main(["--sequential", "--rows", "7", "8", *fresh])["dpm"]
     assert resumed.computed == [("8", 0)] and resumed.reused == [("7", 0)]
 
 
 def test_seeds_give_mean_and_spread(grid, root):
-    run = table5.main(["--sequential", "--rows", "4", "--seeds", "2", *settings(root)])
+    run = table5.main(["--sequential", "--rows", "4", "--seeds", "2", *settings(root)])["dpm"]
     assert run.reused == [("4", 0)] and run.computed == [("4", 1)]
     table = pd.read_csv(root / "table5" / "table5-tiny" / "table5.csv")
     top1 = [run.results[("4", s)]["top1"] for s in (0, 1)]
@@ -133,7 +134,7 @@ def test_pools_from_a_flower_run(grid, root):
     cfg = cfg_of(root)
     inputs = prepare(cfg)  # Step 1 and the DPMs are stored already: only featurizing runs
     good = flower_dir(root, "good", cfg, inputs.pools, ArtefactStore(cfg).key)
-    run = table5.main(["--sequential", "--rows", "6", "7", "--from-flower", str(good), *settings(root)])
+    run = table5.main(["--sequential", "--rows", "6", "7", "--from-flower", str(good), *settings(root)])["dpm"]
     # row 6 has no pools, so it is the stored one; row 7 is keyed by the pools' contents
     assert run.reused == [("6", 0)] and run.computed == [("7", 0)]
     assert run.results[("7", 0)]["top1"] == pytest.approx(grid[0].results[("7", 0)]["top1"], abs=2.0)
@@ -156,7 +157,8 @@ def test_pools_from_a_flower_run(grid, root):
 
 
 def test_dirichlet_partition_is_its_own_run(grid, root):
-    run = table5.main(["--sequential", "--rows", "4", "--partition", "dirichlet", "--alpha", "0.3", *settings(root)])
+    run = table5.main(["--sequential", "--rows", "4", "--partition", "dirichlet", "--alpha", "0.3",
+                       *settings(root)])["dpm"]
     assert run.computed == [("4", 0)]
     saved = json.loads((root / "table5" / "table5-tiny-dirichlet0.3" / "config.json").read_text())
     assert saved["data"]["partition"] == "dirichlet" and saved["data"]["alpha"] == 0.3
@@ -183,9 +185,28 @@ def test_fedavg_is_flowers_example_weighted_mean():
 def test_ray_runs_rows_as_tasks(grid, root, monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     run = table5.main(["--rows", "4", "6", "fedavg", "--no-dashboard", "--num-cpus", "2",
-                       *settings(root, "decider.epochs=2", "table5.fedavg_rounds=1")])
+                       *settings(root, "decider.epochs=2", "table5.fedavg_rounds=1")])["dpm"]
     assert sorted(run.computed) == [("6", 0), ("fedavg", 0)] and run.reused == [("4", 0)]
     assert all(0 <= r["top1"] <= 100 for r in run.results.values())
     import ray
 
     assert not ray.is_initialized()  # the command shuts its Ray instance down
+
+
+def test_sharing_modes_share_the_rows_that_need_no_pools(grid, root):
+    mdp = ("mdp.steps=3", "mdp.batch_size=200")
+    runs = table5.main(["--sequential", "--rows", "6", "7", "--share", "dpm", "mdp", "raw", *settings(root, *mdp)])
+    assert list(runs) == ["dpm", "mdp", "raw"]
+    assert runs["dpm"].reused == [("6", 0), ("7", 0)]  # the DPM rows of the first grid
+    for mode in ("mdp", "raw"):  # row 6 shares nothing: stored once, reused by every mode
+        assert runs[mode].reused == [("6", 0)] and runs[mode].computed == [("7", 0)]
+    run_dir = root / "table5" / "table5-tiny"
+    assert "ϕ1(MDP(S2))" in (run_dir / "table5-mdp.md").read_text()
+    table = pd.read_csv(run_dir / "sharing.csv").set_index("shared")
+    assert list(table.index) == ["DPM pools", "MDP", "raw images"]
+    shown = table["SSIM(shared, real image it shows)"]
+    assert shown["raw images"] == 1 and shown["DPM pools"] < 0.5 < shown["MDP"] < 1
+    image_bytes = 4 * np.prod(load_task(cfg_of(root)).S.image_shape)
+    assert table["bytes per image"]["MDP"] == image_bytes and table["row 7 top-1"].between(0, 100).all()
+    with pytest.raises(ValueError, match="unknown sharing mode 'jpeg'.*dpm, mdp, augmdp, raw"):
+        table5.main(["--sequential", "--rows", "7", "--share", "jpeg", *settings(root)])
