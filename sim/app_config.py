@@ -19,6 +19,7 @@ from flwr.app import UserConfig
 
 from entities.config import Config, load_config, parse_overrides
 from entities.data import PROJECT_ROOT
+from entities.sharing import check_mode
 
 
 def setup_app_logging() -> None:
@@ -48,6 +49,7 @@ def config_from_run_config(run_config: UserConfig) -> Config:
     if run_config.get("data-root"):
         overrides["data.data_root"] = str(run_config["data-root"])
     cfg = load_config(str(run_config.get("preset", "collab")), overrides)
+    check_mode(cfg.collab.share)  # before any node trains, not at the step that first shares
     if cfg.results_root:
         cfg.results_root = _absolute(cfg.results_root)
     if cfg.data.data_root:
