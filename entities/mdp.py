@@ -156,6 +156,13 @@ def pgd_modify(f, selected: torch.Tensor, target_features: torch.Tensor, cfg: MD
     return x.detach()
 
 
+def sets_folder(cfg: MDPConfig, seed: int) -> str:
+    """Where a construction's batches live: one folder per seed and norm (ℓ∞ keeps the plain name
+    it has always had), so both readings of the paper can be stored side by side. Any other changed
+    setting finds the folder taken and stops with :class:`MDPError`."""
+    return f"mdp-sets-seed{seed}" + ("" if cfg.norm == "linf" else f"-{cfg.norm}")
+
+
 def describe_pgd(cfg: MDPConfig) -> str:
     """The PGD settings as tables state them, in their units."""
     step = f"ℓ∞ sign steps of {cfg.step_size:g}/255" if cfg.norm == "linf" else f"ℓ2 steps of length {cfg.step_size:g}"

@@ -22,7 +22,7 @@ import torch
 
 from entities.config import Config
 from entities.entity import Entity, Pool
-from entities.mdp import build_augmented_set, ssim_to
+from entities.mdp import build_augmented_set, sets_folder, ssim_to
 from entities.pipeline import SharedModules
 from entities.train import evaluate_reconstruction, extract_features, to_float
 
@@ -91,7 +91,7 @@ def contribute(entity: Entity, shared: SharedModules, cfg: Config, seed: int, mo
         return Contribution(mode, to_float(entity.images), np.asarray(entity.labels), 1.0, 1.0)
     rounds = 1 if mode == MDP else cfg.mdp.rounds
     mset = build_augmented_set(shared.backbone, entity.images, entity.labels, cfg.mdp, seed=seed, rounds=rounds,
-                               out_dir=entity.store.private(entity.name, f"mdp-sets-seed{seed}"))
+                               out_dir=entity.store.private(entity.name, sets_folder(cfg.mdp, seed)))
     return Contribution(mode, mset.images.float(), mset.labels, float(ssim_to(mset, entity.images).mean()),
                         float(ssim_to(mset, entity.images, "target").mean()))
 

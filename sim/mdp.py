@@ -27,7 +27,7 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import TaskSplit
 from entities.entity import Entity
-from entities.mdp import ModifiedSet, build_augmented_set, describe_pgd, ssim_to
+from entities.mdp import ModifiedSet, build_augmented_set, describe_pgd, sets_folder, ssim_to
 from entities.pipeline import (
     ArtefactStore,
     cached_features,
@@ -123,7 +123,7 @@ def prepare(cfg: Config) -> MDPRun:
              len(S.classes), len(S.test_labels))
     crafter = pretrained_backbone(cfg, split, store)
     aug = build_augmented_set(crafter, S.train_images, S.train_labels, cfg.mdp, seed=cfg.data.seed,
-                              out_dir=store.shared(f"mdp-sets-seed{cfg.data.seed}"))
+                              out_dir=store.shared(sets_folder(cfg.mdp, cfg.data.seed)))
     return MDPRun(cfg, split, store, crafter, aug)
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -210,3 +215,23 @@ def test_sharing_modes_share_the_rows_that_need_no_pools(grid, root):
     assert table["bytes per image"]["MDP"] == image_bytes and table["row 7 top-1"].between(0, 100).all()
     with pytest.raises(ValueError, match="unknown sharing mode 'jpeg'.*dpm, mdp, augmdp, raw"):
         table5.main(["--sequential", "--rows", "7", "--share", "jpeg", *settings(root)])
+
+
+def test_address_auto_joins_a_running_cluster(grid, root):
+    """What users who outgrow one machine do: `ray start --head`, then the grid with `--address auto`."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        run = table5.main(["--rows", "4", "6", "--address", "auto", *settings(root, "decider.lr=0.02")])["dpm"]
+        assert run.reused == [("4", 0)] and run.computed == [("6", 0)]
+        assert "Run: Ray, 2 CPUs, 1 per row" in (root / "table5" / "table5-tiny" / "table5.md").read_text()
+        status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0 and "2.0 CPU" in status.stdout  # the command left the cluster up
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=180)
