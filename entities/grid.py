@@ -217,7 +217,7 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
             sent = contribute(entity, shared, cfg, seed=cfg.data.seed)
             made[name] = received_pool(sent.data, sent.labels, sent.mode, shared.phi1)
             metrics[name] = {"items_shared": len(sent), "bytes_per_image": sent.data[0].numel() * 4 * len(sent)
-                             / len(entity.labels), "disclosure_ssim": sent.disclosure,
+                             // len(entity.labels), "disclosure_ssim": sent.disclosure,
                              "label_ssim": sent.label_disclosure}
             if sent.mode == DPM:
                 metrics[name] |= entity.pool_metrics(shared, test_features, split.S.test_labels)

@@ -342,6 +342,7 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
         bar_chart(table, run_dir / f"table5{suffix}.png")
     if run.pool_metrics:
         pools = pd.DataFrame([{"entity": k, **v} for k, v in run.pool_metrics.items()])
+        pools[["items_shared", "bytes_per_image"]] = pools[["items_shared", "bytes_per_image"]].round().astype(int)
         write_table(pools, run_dir, f"pools{suffix}", f"What each entity shares: {mode_name(share, rounds)}",
                     "disclosure_ssim: mean SSIM between each shared item and the sender's real image it shows "
                     "(for DPM ψ's reconstruction from the pool, the larger of SSIM(ψ, x) and SSIM(1 − ψ, x); for "
@@ -363,7 +364,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
         sent = list(metrics.get(mode, {}).values())
         mean = {k: float(np.mean([m[k] for m in sent])) if sent else float("nan")
                 for k in ("bytes_per_image", "disclosure_ssim", "label_ssim")}
-        line = {"shared": mode_name(mode, rounds), "bytes per image": mean["bytes_per_image"],
+        line = {"shared": mode_name(mode, rounds), "bytes per image": round(mean["bytes_per_image"]),
                 "SSIM(shared, real image it shows)": mean["disclosure_ssim"],
                 "SSIM(shared, real image of its label)": mean["label_ssim"]}
         line |= {f"row {r} top-1": top1.get(r, float("nan")) for r in ("7", "8", "9", "10", "11", "12")}
