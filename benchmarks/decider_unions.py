@@ -1,6 +1,6 @@
 """Why Table 5's row 7 does not beat row 1 at CPU scale: Φ's decider refined on other unions.
 
-    python benchmarks/decider_unions.py [--config collab] [--out results/table5/collab]
+    python benchmarks/decider_unions.py [--config collab] [--set results_root=DIR] [--out results/table5/collab]
 
 Row 1 is Φ itself (E1 pretrained it on S1 with augmentation), and rows 6-12 refine its decider φ2
 on φ1 features with φ1 frozen. This refines φ2 with the grid's own recipe on unions that separate
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from entities.config import load_config
 from entities.grid import FEATURES, Row, feature_row, prepare
 from entities.pipeline import load_task
 from entities.report import write_table
 from entities.train import evaluate_classifier
-from sim.cli import setup_logging
+from sim.cli import add_config_args, config_from_args, setup_logging
 
 UNIONS = {
     "ϕ1(S1) ∪ ϕ1(S2) (row 6)": ("phi1:E1", "phi1:E2"),
@@ -36,12 +35,13 @@ UNIONS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="collab")
+    add_config_args(parser)
+    parser.set_defaults(config="collab")
     parser.add_argument("--lr", type=float, nargs="+", default=[0.05, 0.01], help="decider learning rates")
     parser.add_argument("--out", type=Path, default=Path("results/table5/collab"))
     args = parser.parse_args()
     setup_logging()
-    cfg = load_config(args.config)
+    cfg = config_from_args(args)
     inputs = prepare(cfg)
     labels = load_task(cfg).S.test_labels
     parts = {f"phi1:{n}": p for n, p in inputs.own.items()} | {f"pool:{n}": p for n, p in inputs.pools.items()}
