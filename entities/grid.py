@@ -57,8 +57,10 @@ class Row:
             k = who[1:]
             if what == "raw":
                 return "raw images S" if who == "S" else f"raw images S{k}"
-            return f"ϕ1(S{k})" if what == "phi1" else f"ϕ1({describe(share, who, rounds)})" if share != DPM \
-                else describe(share, who, rounds)
+            if what == "phi1":
+                return f"ϕ1(S{k})"
+            shared = describe(share, who, rounds)
+            return shared if share == DPM else f"ϕ1({shared})"  # receivers featurize shared images
 
         text = " ∪ ".join(one(p) for p in self.parts)
         return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own ϕ1 features" if self.kind == FEDAVG else text
