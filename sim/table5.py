@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class Sequential:
 def _in_worker(fn: Callable, *args, **kwargs):
     """A task's body: with logging set up, its progress lines reach the driver's console."""
     setup_logging()
+    # Arrays from Ray's object store are read-only views; rows only read them, so torch's warning
+    # about sharing non-writable memory would be noise on every worker.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     return fn(*args, **kwargs)
 
 
@@ -217,15 +221,25 @@ def _raw_cost(row: Row, cfg: Config, shards: dict[str, np.ndarray]) -> float:
     return n * raw_epochs(row, cfg)
 
 
+def _feature_cost(row: Row, cfg: Config, sizes: dict[str, int]) -> float:
+    """Feature vectors a row's decider passes over; rows are submitted longest first, so the longest
+    one does not start last and leave the other cores idle at the end of the grid."""
+    n = sum(sizes.get(part, 0) for part in row.parts)
+    if row.kind == FEDAVG:
+        return n * cfg.table5.fedavg_rounds * cfg.table5.fedavg_local_epochs
+    return 0.0 if row.kind == RAW else n * cfg.decider.epochs
+
+
 def _submit_feature_rows(executor, inputs: GridInputs, jobs: list, cfg: Config, split, shards) -> dict:
     """Once Step 1 is done: each pool, feature set and Φ put into the object store once, then the rows."""
-    refs = {f"phi1:{n}": p for n, p in inputs.own.items()} | {f"pool:{n}": p for n, p in inputs.pools.items()}
-    needed = {part for row, _, _ in jobs for part in row.parts if part in refs}
-    refs = {part: executor.put(refs[part]) for part in needed}
+    parts = {f"phi1:{n}": p for n, p in inputs.own.items()} | {f"pool:{n}": p for n, p in inputs.pools.items()}
+    needed = {part for row, _, _ in jobs for part in row.parts if part in parts}
+    refs = {part: executor.put(parts[part]) for part in needed}
     backbone = executor.put(inputs.backbone)
     test_f, test_y = executor.put(inputs.test_features), executor.put(split.S.test_labels)
+    sizes = {part: len(data) for part, data in parts.items()}
     pending = {}
-    for row, seed, key in jobs:
+    for row, seed, key in sorted(jobs, key=lambda job: -_feature_cost(job[0], cfg, sizes)):
         if row.kind == RAW:  # row 1 at the first seed: Φ itself
             handle = executor.submit(phi_row, backbone, executor.put(split.S.test_images), test_y,
                                      len(shards[row.uses("raw")[0]]))
