@@ -54,6 +54,7 @@ class Entity:
         self.store = store
         self.features: torch.Tensor | None = None
         self.dpm: DeepPoisoningModule | None = None
+        self._pool_scores: dict[str, float] | None = None
 
     def featurize(self, shared: SharedModules) -> Pool:
         """φ1 of its own images, once: DPM training and refinement both reuse them."""
@@ -68,7 +69,7 @@ class Entity:
         """Step 2 on its own shard; the DPM is saved only under this entity's private store."""
         own = self.featurize(shared)
         torch.manual_seed(seed)
-        dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks)
+        dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks, cfg.dpm.init)
         path = self.dpm_path(cfg)
         if path.is_file():
             dpm.load_state_dict(torch.load(path, weights_only=True))
@@ -78,6 +79,7 @@ class Entity:
             torch.save(dpm.state_dict(), path)
         dpm.eval()
         self.dpm = dpm
+        self._pool_scores = None
         return dpm
 
     def poisoned_pool(self) -> Pool:
@@ -86,12 +88,19 @@ class Entity:
             raise RuntimeError(f"{self.name}: train the DPM before sharing a pool")
         return Pool(poison(self.dpm, self.features), self.labels)
 
+    def pool_reconstruction(self, shared: SharedModules) -> dict[str, float]:
+        """ψ's scores (L1, SSIM, inverted SSIM, PSNR) on its own pool, computed once per DPM: the
+        disclosure it reports when sharing and its pool metrics read the same figures."""
+        if self._pool_scores is None:
+            self._pool_scores = evaluate_reconstruction(shared.psi, self.poisoned_pool().features, self.images)
+        return self._pool_scores
+
     def pool_metrics(self, shared: SharedModules, test_features: torch.Tensor, test_labels: np.ndarray
                      ) -> dict[str, float]:
         """Decider accuracy on original vs poisoned test features, and ψ's SSIM on its own pool."""
         orig = evaluate_classifier(shared.phi2, test_features, test_labels)
         pois = evaluate_classifier(nn.Sequential(self.dpm, shared.phi2), test_features, test_labels)
-        recon = evaluate_reconstruction(shared.psi, self.poisoned_pool().features, self.images)
+        recon = self.pool_reconstruction(shared)
         return {
             "top1_original": orig["top1"],
             "top1_poisoned": pois["top1"],

@@ -24,7 +24,7 @@ from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.mdp import build_augmented_set, sets_folder, ssim_to
 from entities.pipeline import SharedModules
-from entities.train import evaluate_reconstruction, extract_features, to_float
+from entities.train import extract_features, to_float
 
 DPM, MDP, AUGMDP, RAW = "dpm", "mdp", "augmdp", "raw"
 SHARE_MODES = (DPM, MDP, AUGMDP, RAW)
@@ -84,7 +84,7 @@ def contribute(entity: Entity, shared: SharedModules, cfg: Config, seed: int, mo
     if mode == DPM:
         entity.train_dpm(shared, cfg, seed=seed)
         pool = entity.poisoned_pool()
-        rec = evaluate_reconstruction(shared.psi, pool.features, entity.images)
+        rec = entity.pool_reconstruction(shared)
         shown = max(rec["ssim"], rec["ssim_inverted"])
         return Contribution(mode, pool.features, pool.labels, shown, shown)
     if mode == RAW:
