@@ -60,13 +60,21 @@ class ReconstructorConfig:
     lr: float = 1e-3
 
 
+DPM_INITS = ("random", "identity")
+
+
 @dataclass
 class DPMConfig:
     blocks: int = 4
+    init: str = "random"  # or "identity": P starts as the identity map (see entities/dpm.py)
     lam: float = 1.0
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.init not in DPM_INITS:  # before Step 1, not after minutes of pretraining
+            raise ValueError(f"unknown dpm.init {self.init!r}; valid: {', '.join(DPM_INITS)}")
 
 
 @dataclass

@@ -13,16 +13,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from entities.backbone import BasicBlock
+from entities.config import DPM_INITS
 from entities.metrics import ssim_per_image
 
 
 class DeepPoisoningModule(nn.Module):
-    """A stack of shape-preserving residual blocks (the paper uses 4 ResNet blocks)."""
+    """A stack of shape-preserving residual blocks (the paper uses 4 ResNet blocks).
 
-    def __init__(self, channels: int, blocks: int = 4) -> None:
+    ``init="random"`` is PyTorch's default initialisation, as a fresh ResNet block has it.
+    ``init="identity"`` zeroes each block's last BatchNorm scale, so every block starts as the
+    identity on φ1's non-negative (post-ReLU) features. The pool then moves away from φ1(x) only as
+    far as training pushes it, and a DPM's epochs trace a privacy-utility curve from "no poisoning".
+    """
+
+    def __init__(self, channels: int, blocks: int = 4, init: str = "random") -> None:
         super().__init__()
+        if init not in DPM_INITS:
+            raise ValueError(f"unknown DPM init {init!r}; valid: {', '.join(DPM_INITS)}")
         self.channels = channels
         self.blocks = nn.Sequential(*[BasicBlock(channels, channels) for _ in range(blocks)])
+        if init == "identity":
+            for block in self.blocks:
+                nn.init.zeros_(block.bn2.weight)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[1] != self.channels:

@@ -67,6 +67,14 @@ def test_dpm_keeps_shape_and_rejects_other_features():
         dpm(torch.randn(2, 32, 16, 16))
 
 
+def test_identity_dpm_starts_as_the_identity_on_post_relu_features():
+    f = torch.relu(torch.randn(8, 64, 8, 8))
+    assert torch.equal(DeepPoisoningModule(64, blocks=4, init="identity").train()(f), f)
+    assert not torch.allclose(DeepPoisoningModule(64, blocks=4).train()(f), f)
+    with pytest.raises(ValueError, match="identity"):
+        DeepPoisoningModule(64, init="zeros")
+
+
 def test_ssim_sanity():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 32, 32)
@@ -116,6 +124,8 @@ def test_config_presets_overrides_and_errors():
         load_config("default", {"dpm.lambda": 1})
     with pytest.raises(ValueError, match="known presets"):
         load_config("no-such-preset")
+    with pytest.raises(ValueError, match="dpm.init 'zeros'"):
+        load_config("default", {"dpm.init": "zeros"})
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["lam"])
 
