@@ -111,9 +111,11 @@ def pretrained_backbone(cfg: Config, split: TaskSplit, store: ArtefactStore) -> 
     images, labels = pretrain_set(cfg, split)
     t0 = time.time()
     log.info("pretraining %s on %d images (%s)", cfg.backbone.name, len(labels), cfg.backbone.pretrain_on)
-    pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed)
+    partial = store.shared("backbone.partial.pt")  # same settings key: a killed run resumes from it
+    pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed, checkpoint=partial)
     log.info("pretraining done in %.0fs", time.time() - t0)
     _save(model.state_dict(), path)
+    partial.unlink(missing_ok=True)  # absent when pretrain.epochs = 0
     return model
 
 

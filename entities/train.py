@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,11 +56,15 @@ def fit(
     sgd: bool = False,
     weight_decay: float = 0.0,
     seed: int = 0,
+    checkpoint: tuple[nn.Module, Path] | None = None,
 ) -> list[dict[str, float]]:
     """The one optimisation loop: shuffled mini-batches, cosine LR, progress, NaN guard.
 
     ``step`` takes the batch's row indices and returns (loss, figures to log). Returns the mean
     figures of each epoch. A non-finite loss stops with the module, epoch and batch named.
+    ``checkpoint = (module, path)``: after every epoch the module, optimiser, schedule and random
+    streams are written to ``path``, and a run that finds that file carries on after its epoch, so a
+    killed run of the long loops loses at most one epoch. The caller deletes the file when done.
     """
     params = [p for p in params if p.requires_grad]
     opt = (
@@ -70,8 +75,18 @@ def fit(
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     rng = np.random.default_rng(seed)
-    history = []
-    for epoch in range(1, epochs + 1):
+    history: list[dict[str, float]] = []
+    start = 1
+    if checkpoint is not None and checkpoint[1].is_file():
+        state = torch.load(checkpoint[1], weights_only=True)
+        checkpoint[0].load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history, start = state["history"], state["epoch"] + 1
+        log.info("%s: resuming after epoch %d/%d from %s", what, state["epoch"], epochs, checkpoint[1])
+    for epoch in range(start, epochs + 1):
         t0 = time.time()
         perm = rng.permutation(n)
         sums: dict[str, float] = {}
@@ -95,6 +110,13 @@ def fit(
         history.append(means)
         shown = " ".join(f"{k}={v:.4f}" for k, v in means.items())
         log.info("%s epoch %d/%d %s (%.1fs)", what, epoch, epochs, shown, time.time() - t0)
+        if checkpoint is not None:
+            state = {"module": checkpoint[0].state_dict(), "optimizer": opt.state_dict(),
+                     "schedule": sched.state_dict(), "rng": rng.bit_generator.state,
+                     "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch}
+            tmp = checkpoint[1].with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(checkpoint[1])
     return history
 
 
@@ -105,8 +127,9 @@ def freeze(*modules: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int = 0):
-    """Step 1: train Φ with cross-entropy (Eq. 1) on raw images."""
+def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int = 0,
+             checkpoint: Path | None = None):
+    """Step 1: train Φ with cross-entropy (Eq. 1) on raw images; resumable from ``checkpoint``."""
     y_all = torch.as_tensor(labels)
     model.train()
 
@@ -121,7 +144,8 @@ def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Trai
 
     torch.manual_seed(seed)
     history = fit(model.parameters(), step, len(labels), cfg.epochs, cfg.batch_size, cfg.lr, "pretrain",
-                  sgd=True, weight_decay=cfg.weight_decay, seed=seed)
+                  sgd=True, weight_decay=cfg.weight_decay, seed=seed,
+                  checkpoint=None if checkpoint is None else (model, checkpoint))
     model.eval()
     return history
 

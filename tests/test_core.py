@@ -143,3 +143,46 @@ def test_perturbation_registry_keeps_shape_and_changes_features():
     assert build_perturbation("GF")(f).std() < f.std()  # blurring removes high frequencies
     with pytest.raises(ValueError, match="GN"):
         build_perturbation("JPEG")
+
+
+def test_pretraining_killed_mid_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import numpy as np
+
+    import entities.train as train
+    from entities.config import TrainConfig
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 3, 64)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, augment=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order in all three runs
+    try:
+        torch.manual_seed(0)
+        whole = build_backbone("resnet20", 3)
+        train.pretrain(whole, images, labels, cfg)
+
+        calls, real_augment = [], train.augment
+
+        def dies_in_epoch_2(x):
+            calls.append(1)
+            if len(calls) == 3:  # first batch of epoch 2 (two batches per epoch)
+                raise KeyboardInterrupt
+            return real_augment(x)
+
+        ckpt = tmp_path / "partial.pt"
+        torch.manual_seed(0)
+        killed = build_backbone("resnet20", 3)
+        monkeypatch.setattr(train, "augment", dies_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            train.pretrain(killed, images, labels, cfg, checkpoint=ckpt)
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+        monkeypatch.setattr(train, "augment", real_augment)
+        torch.manual_seed(123)  # a fresh process: other weights and random state until the checkpoint loads
+        resumed = build_backbone("resnet20", 3)
+        history = train.pretrain(resumed, images, labels, cfg, checkpoint=ckpt)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(history) == 3
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
