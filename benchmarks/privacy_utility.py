@@ -30,6 +30,7 @@ import pandas as pd
 
 from entities.config import Config
 from entities.grid import feature_row, prepare, select_rows
+from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, entity_shards, load_task, shared_reconstructor, step1
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_table
@@ -43,11 +44,6 @@ def with_dpm_epochs(cfg: Config, epochs: int) -> Config:
     return dataclasses.replace(cfg, dpm=dataclasses.replace(cfg.dpm, init="identity", epochs=epochs))
 
 
-def shown(scores: dict[str, float]) -> float:
-    """SSIM of a reconstruction or of its negative, whichever shows more of the image."""
-    return max(scores["ssim"], scores["ssim_inverted"])
-
-
 def measure(cfg: Config, epochs: int, rows: list, attacker, split, shards) -> dict:
     """One line of the curve: DPMs trained ``epochs`` epochs from the identity, their pools scored."""
     t0 = time.time()
@@ -55,7 +51,7 @@ def measure(cfg: Config, epochs: int, rows: list, attacker, split, shards) -> di
     line = {"DPM epochs": epochs}
     line["SSIM ψ"] = np.mean([inputs.pool_metrics[n]["disclosure_ssim"] for n in SENDERS])
     line["SSIM attacker"] = np.mean([
-        shown(evaluate_reconstruction(attacker, inputs.pools[n].features, split.S.train_images[shards[n]]))
+        disclosure(evaluate_reconstruction(attacker, inputs.pools[n].features, split.S.train_images[shards[n]]))
         for n in SENDERS])
     line["φ2 on poisoned test"] = np.mean([inputs.pool_metrics[n]["top1_poisoned"] for n in SENDERS])
     parts = {f"phi1:{n}": p for n, p in inputs.own.items()} | {f"pool:{n}": p for n, p in inputs.pools.items()}

@@ -108,7 +108,7 @@ def main() -> None:
                        for k, v in timings.items()])
     md = write_table(df, args.out, "speedup", f"Table 5 grid ({args.config}, {len(rows)} rows): Ray vs one process",
                      f"Same rows, seeds and stored Step 1 on a {os.cpu_count()}-core machine; grid wall time only "
-                     "(Ray's start-up, including each worker's first import of torch, excluded). Ray runs one "
+                     "(Ray's start-up, and each worker's first import and training steps, excluded). Ray runs one "
                      "row per core with one torch thread each, longest rows first; the first sequential run "
                      "gives one row at a time all cores through torch's intra-op threads, the second only one "
                      "thread. Other processes on the machine (see the 1-minute load average) "

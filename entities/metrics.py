@@ -49,3 +49,9 @@ def reconstruction_scores(recon: torch.Tensor, original: torch.Tensor) -> dict[s
         "ssim_inverted": ssim_per_image(1 - recon, original),
         "psnr": psnr_per_image(recon, original),
     }
+
+
+def disclosure(scores: dict[str, float]) -> float:
+    """How much of the image a reconstruction shows: the larger of SSIM(ψ, x) and SSIM(1 − ψ, x),
+    since a photographic negative discloses the image as well as a positive does."""
+    return max(scores["ssim"], scores["ssim_inverted"])

@@ -23,6 +23,7 @@ import torch
 from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.mdp import build_augmented_set, sets_folder, ssim_to
+from entities.metrics import disclosure
 from entities.pipeline import SharedModules
 from entities.train import extract_features, to_float
 
@@ -84,8 +85,7 @@ def contribute(entity: Entity, shared: SharedModules, cfg: Config, seed: int, mo
     if mode == DPM:
         entity.train_dpm(shared, cfg, seed=seed)
         pool = entity.poisoned_pool()
-        rec = entity.pool_reconstruction(shared)
-        shown = max(rec["ssim"], rec["ssim_inverted"])
+        shown = disclosure(entity.pool_reconstruction(shared))
         return Contribution(mode, pool.features, pool.labels, shown, shown)
     if mode == RAW:
         return Contribution(mode, to_float(entity.images), np.asarray(entity.labels), 1.0, 1.0)
