@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from entities.data import PROJECT_ROOT
+from entities.runtime import DEVICES, PRECISIONS, key_part
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -128,6 +129,13 @@ class Config:
     collab: CollabConfig = field(default_factory=CollabConfig)
     results_root: str = ""  # empty: the project's results/
     threads: int = 0  # torch threads per process (0 = torch's default)
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda: see entities/runtime.py
+    precision: str = "auto"  # auto (bf16 where the hardware runs it fast), bf16 or fp32
+
+    def __post_init__(self) -> None:
+        for key, value, valid in (("device", self.device, DEVICES), ("precision", self.precision, PRECISIONS)):
+            if value not in valid:
+                raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,6 +144,7 @@ class Config:
         """A short hash of some sections: the key under which their artefacts are stored."""
         d = self.to_dict()
         picked = {s: d[s] for s in sections} if sections else d
+        picked |= key_part(self.device, self.precision)  # bf16 trains other weights than fp32
         return hashlib.sha1(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
     def results_dir(self) -> Path:

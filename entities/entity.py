@@ -72,7 +72,7 @@ class Entity:
         dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks, cfg.dpm.init)
         path = self.dpm_path(cfg)
         if path.is_file():
-            dpm.load_state_dict(torch.load(path, weights_only=True))
+            dpm.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         else:
             train_dpm(dpm, copy.deepcopy(shared.phi2), shared.psi, own.features, self.images, self.labels,
                       cfg.dpm, seed=seed, what=f"{self.name} dpm")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from entities import runtime
 from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.entity import Entity, Pool
@@ -126,7 +127,7 @@ def contributions_key(cfg: Config, pool_source: str) -> str:
                 "pools": pool_source, "share": share}
     settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"]} if share == DPM else {}
     settings |= {"mdp": d["mdp"]} if share in (MDP, AUGMDP) else {}
-    return _hash(settings)
+    return _hash(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
 def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
@@ -142,7 +143,7 @@ def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
         settings["contributions"] = contributions_key(cfg, pool_source)
     if row.kind == FEDAVG:
         settings["fedavg"] = [cfg.table5.fedavg_rounds, cfg.table5.fedavg_local_epochs]
-    return _hash(settings)
+    return _hash(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
 class RowStore:
@@ -205,8 +206,7 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
 
     ``pools`` given (DPM pools of a Flower run) replaces the DPMs: those pools are shared as they are.
     """
-    if threads:
-        torch.set_num_threads(threads)
+    runtime.configure(cfg, threads)
     split = load_task(cfg)
     store = ArtefactStore(cfg)
     shared = step1(cfg, split, store)
@@ -271,8 +271,7 @@ def raw_row(row: Row, seed: int, cfg: Config, images: np.ndarray, labels: np.nda
             test_images: np.ndarray, test_labels: np.ndarray, num_classes: int, threads: int = 0) -> dict:
     """Rows 1-5: a backbone trained from scratch on raw images (``idx`` picks a shard of S)."""
     t0 = time.time()
-    if threads:
-        torch.set_num_threads(threads)
+    runtime.configure(cfg, threads)
     x, y = (images, labels) if idx is None else (images[idx], labels[idx])
     torch.manual_seed(seed)
     model = build_backbone(cfg.backbone.name, num_classes, x.shape[1])
@@ -281,12 +280,11 @@ def raw_row(row: Row, seed: int, cfg: Config, images: np.ndarray, labels: np.nda
     return _finish(evaluate_classifier(model, test_images, test_labels), len(y), t0)
 
 
-def phi_row(backbone: Backbone, test_images: np.ndarray, test_labels: np.ndarray, n_train: int,
+def phi_row(cfg: Config, backbone: Backbone, test_images: np.ndarray, test_labels: np.ndarray, n_train: int,
             threads: int = 0) -> dict:
     """Row 1 at the first seed: Φ is already E1's model on its own raw images, so only evaluate it."""
     t0 = time.time()
-    if threads:
-        torch.set_num_threads(threads)
+    runtime.configure(cfg, threads)
     return _finish(evaluate_classifier(backbone, test_images, test_labels), n_train, t0)
 
 
@@ -299,8 +297,7 @@ def feature_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
                 test_features: torch.Tensor, test_labels: np.ndarray, *parts: Pool, threads: int = 0) -> dict:
     """Rows 6-12 and ``all4``: refine Φ's φ2 on the union of the row's features and pools."""
     t0 = time.time()
-    if threads:
-        torch.set_num_threads(threads)
+    runtime.configure(cfg, threads)
     data = Pool.union(list(parts))
     phi2 = _phi2(cfg, backbone)
     train_decider(phi2, data.features, data.labels, cfg.decider, seed=seed, what=f"row {row.id} decider")
@@ -337,7 +334,6 @@ def fedavg_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
                test_features: torch.Tensor, test_labels: np.ndarray, *clients: Pool, threads: int = 0) -> dict:
     """The extra FedAvg row: E1..E4 federate φ2 on their own unpoisoned features."""
     t0 = time.time()
-    if threads:
-        torch.set_num_threads(threads)
+    runtime.configure(cfg, threads)
     phi2 = fedavg(_phi2(cfg, backbone), list(clients), cfg, seed)
     return _finish(evaluate_classifier(phi2, test_features, test_labels), sum(len(c) for c in clients), t0)

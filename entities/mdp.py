@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from entities import runtime
 from entities.backbone import Backbone
 from entities.config import MDPConfig
 from entities.metrics import ssim_per_image
@@ -139,10 +140,13 @@ def pgd_modify(f, selected: torch.Tensor, target_features: torch.Tensor, cfg: MD
     """
     linf = cfg.norm == "linf"
     step, eps = (cfg.step_size * LEVEL, cfg.epsilon * LEVEL) if linf else (cfg.step_size, cfg.epsilon)
+    rt = runtime.current()
     x = selected.clone()
     for _ in range(cfg.steps):
         x.requires_grad_(True)
-        loss = feature_distance(f(x), target_features, cfg.p).sum()  # rows are independent in eval mode
+        with rt.autocast():
+            feats = f(x).float()
+        loss = feature_distance(feats, target_features, cfg.p).sum()  # rows are independent in eval mode
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
             if linf:
@@ -182,7 +186,7 @@ def _project(x: torch.Tensor, center: torch.Tensor, eps: float, linf: bool) -> t
 def _fingerprint(*arrays) -> str:
     h = hashlib.sha1()
     for a in arrays:
-        t = torch.as_tensor(a).detach().contiguous()
+        t = torch.as_tensor(a).detach().cpu().contiguous()
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -240,14 +244,14 @@ def build_modified_set(
         })
     t0 = time.time()
     was_training = model.training
-    model.eval()
+    runtime.current().module(model).eval()
     batches = []
     try:
         n_batches = math.ceil(n / cfg.batch_size)
         for b in tqdm(range(n_batches), desc=f"MDP draw {draw}", leave=False, disable=None):
             path = Path(out_dir) / f"batch-{b:05d}.pt" if out_dir is not None else None
             if path is not None and path.is_file():
-                batches.append(torch.load(path, weights_only=True))
+                batches.append(torch.load(path, weights_only=True, map_location="cpu"))
                 continue
             rows = np.arange(b * cfg.batch_size, min(n, (b + 1) * cfg.batch_size))
             batch = _modify_batch(f, x_all, rows, selected[rows], cfg)
@@ -270,15 +274,16 @@ def build_modified_set(
 
 
 def _modify_batch(f, x_all: torch.Tensor, rows: np.ndarray, sel: np.ndarray, cfg: MDPConfig) -> dict:
-    x_t, x_s = x_all[rows], x_all[sel]
-    with torch.no_grad():
-        target = f(x_t)
-        start = feature_distance(f(x_s), target, cfg.p)
+    rt = runtime.current()
+    x_t, x_s = rt.tensor(x_all[rows]), rt.tensor(x_all[sel])
+    with torch.no_grad(), rt.autocast():
+        target = f(x_t).float()
+        start = feature_distance(f(x_s).float(), target, cfg.p)
     x_m = pgd_modify(f, x_s, target, cfg).half()
-    with torch.no_grad():
-        end = feature_distance(f(x_m.float()), target, cfg.p)
-    return {"images": x_m, "target_index": torch.as_tensor(rows), "selected_index": torch.as_tensor(sel),
-            "distance_start": start, "distance_end": end}
+    with torch.no_grad(), rt.autocast():
+        end = feature_distance(f(x_m.float()).float(), target, cfg.p)
+    return {"images": x_m.cpu().contiguous(), "target_index": torch.as_tensor(rows),
+            "selected_index": torch.as_tensor(sel), "distance_start": start.cpu(), "distance_end": end.cpu()}
 
 
 def build_augmented_set(

@@ -22,8 +22,14 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 
 def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SSIM of each image pair, shape (N,); can be negative (anti-correlated structure)."""
-    return _ssim(x, y, data_range=DATA_RANGE, size_average=False, win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA)
+    """SSIM of each image pair, shape (N,); can be negative (anti-correlated structure).
+
+    Always in fp32, also inside a bf16 autocast region (the DPM's loss): SSIM divides small
+    variances, which bf16's 8-bit mantissa would turn into noise.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssim(x.float(), y.float(), data_range=DATA_RANGE, size_average=False, win_size=SSIM_WINDOW,
+                     win_sigma=SSIM_SIGMA)
 
 
 def l1_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ def pretrained_backbone(cfg: Config, split: TaskSplit, store: ArtefactStore) -> 
     model.split(cfg.backbone.hook)  # an unknown hook point fails before any training
     path = store.shared("backbone.pt")
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         model.eval()
         return model
     images, labels = pretrain_set(cfg, split)
@@ -123,7 +123,7 @@ def cached_features(store: ArtefactStore, tag: str, phi1: nn.Module, images: np.
     """φ1(images), computed once and kept in the store under ``tag``."""
     path = store.shared(f"features-{tag}.pt")
     if path.is_file():
-        feats = torch.load(path, weights_only=True)
+        feats = torch.load(path, weights_only=True, map_location="cpu")
         if len(feats) == len(images):
             return feats
     feats = extract_features(phi1, images)
@@ -141,7 +141,7 @@ def shared_reconstructor(
     psi = build_reconstructor(name, tuple(q_feats.shape[1:]), split.Q.image_shape)
     path = store.shared(f"psi-{name}-{cfg.digest('reconstructor')}.pt")
     if path.is_file():
-        psi.load_state_dict(torch.load(path, weights_only=True))
+        psi.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         psi.eval()
         return psi
     t0 = time.time()

@@ -73,7 +73,7 @@ def load_pool(path: Path) -> tuple[Pool, dict]:
     if not path.is_file():
         raise PoolError(f"pool file {path} does not exist")
     try:
-        d = torch.load(path, weights_only=True)
+        d = torch.load(path, weights_only=True, map_location="cpu")
         return Pool(d["features"], d["labels"].numpy()), d["meta"]
     except (KeyError, RuntimeError, EOFError) as err:
         raise PoolError(f"pool file {path} is unreadable: {err}") from err

@@ -87,7 +87,7 @@ class Reconstructor(nn.Module):
         self.clamp = spec.clamp
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.net(features)
+        out = self.net(features).float()  # the image in fp32 even under bf16 autocast
         if self.clamp:
             return out.clamp(0, 1)
         flat = out.flatten(1)

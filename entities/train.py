@@ -2,6 +2,11 @@
 
 φ1 is frozen after pretraining, so every loop after it works on cached φ1 features
 (:func:`extract_features`) instead of running φ1 again each epoch.
+
+Every loop runs on :func:`entities.runtime.current`: its modules go through ``rt.module`` and its
+batches through :func:`batch`, the forward pass of each step under ``rt.autocast()`` (bf16 where the
+hardware runs it fast). Losses are taken on fp32 logits and images, and whatever a loop returns
+(features, pools, scores) is fp32 on the CPU, so stored artefacts look the same in every precision.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from entities import runtime
 from entities.config import DPMConfig, ReconstructorConfig, TrainConfig
 from entities.dpm import dpm_loss
 from entities.metrics import reconstruction_scores, topk_correct
@@ -31,6 +37,15 @@ def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NCHW images to float in [0, 1]."""
     t = torch.as_tensor(images)
     return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+
+
+def batch(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch as the current runtime wants it: float (images in [0, 1]), on its device, channels_last."""
+    return runtime.current().tensor(to_float(x))
+
+
+def labels_of(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return runtime.current().tensor(np.asarray(labels, dtype=np.int64))
 
 
 def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -60,7 +75,8 @@ def fit(
 ) -> list[dict[str, float]]:
     """The one optimisation loop: shuffled mini-batches, cosine LR, progress, NaN guard.
 
-    ``step`` takes the batch's row indices and returns (loss, figures to log). Returns the mean
+    ``step`` takes the batch's row indices and returns (loss, figures to log); it runs under the
+    runtime's autocast and the backward pass outside it. Returns the mean
     figures of each epoch. A non-finite loss stops with the module, epoch and batch named.
     ``checkpoint = (module, path)``: after every epoch the module, optimiser, schedule and random
     streams are written to ``path``, and a run that finds that file carries on after its epoch, so a
@@ -75,10 +91,11 @@ def fit(
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     rng = np.random.default_rng(seed)
+    rt = runtime.current()
     history: list[dict[str, float]] = []
     start = 1
     if checkpoint is not None and checkpoint[1].is_file():
-        state = torch.load(checkpoint[1], weights_only=True)
+        state = torch.load(checkpoint[1], weights_only=True, map_location=rt.device)
         checkpoint[0].load_state_dict(state["module"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -93,7 +110,8 @@ def fit(
         bar = tqdm(range(steps_per_epoch), desc=f"{what} {epoch}/{epochs}", leave=False, disable=None)
         for b in bar:
             idx = np.sort(perm[b * batch_size:(b + 1) * batch_size])
-            loss, figures = step(idx)
+            with rt.autocast():
+                loss, figures = step(idx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{what}: loss became {loss.item()} at epoch {epoch}, batch {b + 1}/{steps_per_epoch} "
@@ -130,15 +148,13 @@ def freeze(*modules: nn.Module) -> None:
 def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int = 0,
              checkpoint: Path | None = None):
     """Step 1: train Φ with cross-entropy (Eq. 1) on raw images; resumable from ``checkpoint``."""
-    y_all = torch.as_tensor(labels)
+    runtime.current().module(model)
     model.train()
 
     def step(idx):
         x = to_float(images[idx])
-        if cfg.augment:
-            x = augment(x)
-        logits = model(x)
-        y = y_all[idx]
+        logits = model(batch(augment(x) if cfg.augment else x)).float()
+        y = labels_of(labels[idx])
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
@@ -153,8 +169,18 @@ def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Trai
 @torch.no_grad()
 def extract_features(phi1: nn.Module, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
     """φ1(x) for all images, computed once; every later step trains on these."""
-    phi1.eval()
-    out = [phi1(to_float(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    return infer(phi1, images, batch_size)
+
+
+@torch.no_grad()
+def infer(module: nn.Module, inputs: np.ndarray | torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """``module`` over all inputs in batches, in eval mode: fp32 on the CPU, whatever the runtime."""
+    rt = runtime.current()
+    rt.module(module).eval()
+    out = []
+    for i in range(0, len(inputs), batch_size):
+        with rt.autocast():
+            out.append(module(batch(inputs[i:i + batch_size])).float().cpu().contiguous())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -162,10 +188,11 @@ def train_reconstructor(
     psi: nn.Module, features: torch.Tensor, images: np.ndarray, cfg: ReconstructorConfig, seed: int = 0
 ):
     """ψ learns to invert φ1 with the L1 loss of Eq. 3 (on the public set Q only)."""
+    runtime.current().module(psi)
     psi.train()
 
     def step(idx):
-        loss = (psi(features[idx]) - to_float(images[idx])).abs().mean()
+        loss = (psi(batch(features[idx])).float() - batch(images[idx])).abs().mean()
         return loss, {"l1": loss.item()}
 
     torch.manual_seed(seed)
@@ -187,13 +214,16 @@ def train_dpm(
     what: str = "dpm",
 ):
     """Step 2: P minimises CE(φ2(P(f)), y) + λ·SSIM(ψ(P(f)), x) with φ2 and ψ frozen (Eq. 6)."""
+    rt = runtime.current()
+    for m in (dpm, phi2, psi):
+        rt.module(m)
     freeze(phi2, psi)
     dpm.train()
-    y_all = torch.as_tensor(labels)
 
     def step(idx):
-        poisoned = dpm(features[idx])
-        loss, ce, priv = dpm_loss(phi2(poisoned), y_all[idx], psi(poisoned), to_float(images[idx]), cfg.lam)
+        poisoned = dpm(batch(features[idx]))
+        loss, ce, priv = dpm_loss(phi2(poisoned).float(), labels_of(labels[idx]), psi(poisoned).float(),
+                                  batch(images[idx]), cfg.lam)
         return loss, {"ce": ce.item(), "ssim_loss": priv.item()}
 
     torch.manual_seed(seed)
@@ -205,8 +235,7 @@ def train_dpm(
 @torch.no_grad()
 def poison(dpm: nn.Module, features: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """P(φ1(x)) for cached features: what an entity shares."""
-    dpm.eval()
-    return torch.cat([dpm(features[i:i + batch_size]) for i in range(0, len(features), batch_size)])
+    return infer(dpm, features, batch_size)
 
 
 def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
@@ -214,12 +243,12 @@ def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, c
     """Step 3: refine (or train) a decider φ2 on a pool of features, original and poisoned."""
     for p in phi2.parameters():
         p.requires_grad_(True)
+    runtime.current().module(phi2)
     phi2.train()
-    y_all = torch.as_tensor(labels)
 
     def step(idx):
-        logits = phi2(features[idx])
-        y = y_all[idx]
+        logits = phi2(batch(features[idx])).float()
+        y = labels_of(labels[idx])
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
@@ -234,14 +263,10 @@ def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, c
 def evaluate_classifier(model: nn.Module, inputs: torch.Tensor | np.ndarray, labels: np.ndarray,
                         batch_size: int = 1000) -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent (top-5 is 100% by definition with ≤ 5 classes)."""
-    model.eval()
+    logits = infer(model, inputs, batch_size)
     y = torch.as_tensor(labels)
-    c1 = c5 = 0
-    for i in range(0, len(y), batch_size):
-        x = inputs[i:i + batch_size]
-        logits = model(to_float(x) if isinstance(x, np.ndarray) else x)
-        c1 += topk_correct(logits, y[i:i + batch_size], 1).sum().item()
-        c5 += topk_correct(logits, y[i:i + batch_size], 5).sum().item()
+    c1 = topk_correct(logits, y, 1).sum().item()
+    c5 = topk_correct(logits, y, 5).sum().item()
     return {"top1": 100.0 * c1 / len(y), "top5": 100.0 * c5 / len(y)}
 
 
@@ -249,10 +274,10 @@ def evaluate_classifier(model: nn.Module, inputs: torch.Tensor | np.ndarray, lab
 def evaluate_reconstruction(psi: nn.Module, features: torch.Tensor, images: np.ndarray,
                             batch_size: int = 500) -> dict[str, float]:
     """Mean L1, SSIM, SSIM of the inverted reconstruction and PSNR of ψ(features) against x."""
-    psi.eval()
     sums: dict[str, float] = {}
     for i in range(0, len(features), batch_size):
-        scores = reconstruction_scores(psi(features[i:i + batch_size]), to_float(images[i:i + batch_size]))
+        recon = infer(psi, features[i:i + batch_size], batch_size)
+        scores = reconstruction_scores(recon, to_float(images[i:i + batch_size]))
         for k, v in scores.items():
             sums[k] = sums.get(k, 0.0) + v.sum().item()
     return {k: v / len(features) for k, v in sums.items()}

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from flwr.app import UserConfig
 
+from entities import runtime
 from entities.config import Config, load_config, parse_overrides
 from entities.data import PROJECT_ROOT
 from entities.sharing import check_mode
@@ -54,8 +54,7 @@ def config_from_run_config(run_config: UserConfig) -> Config:
         cfg.results_root = _absolute(cfg.results_root)
     if cfg.data.data_root:
         cfg.data.data_root = _absolute(cfg.data.data_root)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    runtime.configure(cfg)
     return cfg
 
 

@@ -6,8 +6,7 @@ import argparse
 import logging
 import sys
 
-import torch
-
+from entities import runtime
 from entities.config import Config, load_config, parse_overrides
 from entities.data import DataError
 
@@ -28,8 +27,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.allow_download:
         overrides["data.allow_download"] = "true"
     cfg = load_config(args.config, overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    runtime.configure(cfg)
     return cfg
 
 

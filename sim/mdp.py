@@ -84,7 +84,7 @@ def trained_model(cfg: Config, store: ArtefactStore, arch: str, tag: str, images
     model = build_backbone(arch, num_classes, images.shape[1])
     path = store.shared(f"mdp-model-{arch}-{tag}-{cfg.digest('pretrain', 'mdp')}.pt")
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
     else:
         t0 = time.time()
         log.info("training %s on %s (%d images)", arch, tag, len(labels))

@@ -241,7 +241,7 @@ def _submit_feature_rows(executor, inputs: GridInputs, jobs: list, cfg: Config, 
     pending = {}
     for row, seed, key in sorted(jobs, key=lambda job: -_feature_cost(job[0], cfg, sizes)):
         if row.kind == RAW:  # row 1 at the first seed: Φ itself
-            handle = executor.submit(phi_row, backbone, executor.put(split.S.test_images), test_y,
+            handle = executor.submit(phi_row, cfg, backbone, executor.put(split.S.test_images), test_y,
                                      len(shards[row.uses("raw")[0]]))
         else:
             fn = fedavg_row if row.kind == FEDAVG else feature_row

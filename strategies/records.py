@@ -42,7 +42,7 @@ def pack_shared(shared: SharedModules) -> ArrayRecord:
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for part in SHARED_PARTS:
         for key, value in getattr(shared, part).state_dict().items():
-            state[f"{part}.{key}"] = value
+            state[f"{part}.{key}"] = value.detach().cpu().contiguous()  # a GPU's or channels_last weights
     return ArrayRecord(state)
 
 
