@@ -24,6 +24,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from entities import runtime
 from entities.backbone import build_backbone
 from entities.config import load_config
 from entities.grid import prepare, select_rows
@@ -33,16 +34,20 @@ from sim.table5 import RayPool, Sequential, run_grid, start_ray
 
 
 def _train_steps(steps: int) -> float:
-    """One thread training a ResNet-20 on CIFAR-sized batches: the kind of work the grid's rows do."""
+    """One thread training a ResNet-20 on CIFAR-sized batches in the resolved runtime (bf16 and
+    channels_last where they pay, as the rows run): the kind of work the grid's rows do."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_backbone("resnet20", 5, 3)
+    rt = runtime.current()
+    model = rt.module(build_backbone("resnet20", 5, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 5, (128,))
+    x, y = rt.tensor(torch.rand(128, 3, 32, 32)), torch.randint(0, 5, (128,))
     t0 = time.time()
     for _ in range(steps):
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with rt.autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
         opt.step()
     return time.time() - t0
 
@@ -107,7 +112,8 @@ def main() -> None:
     df = pd.DataFrame([{"run": k, "seconds": v, "Ray speed-up": v / timings[ray_name], "load average at start": load[k]}
                        for k, v in timings.items()])
     md = write_table(df, args.out, "speedup", f"Table 5 grid ({args.config}, {len(rows)} rows): Ray vs one process",
-                     f"Same rows, seeds and stored Step 1 on a {os.cpu_count()}-core machine; grid wall time only "
+                     f"Same rows, seeds and stored Step 1 on a {os.cpu_count()}-core machine, runtime "
+                     f"{runtime.current().describe()}; grid wall time only "
                      "(Ray's start-up, and each worker's first import and training steps, excluded). Ray runs one "
                      "row per core with one torch thread each, longest rows first; the first sequential run "
                      "gives one row at a time all cores through torch's intra-op threads, the second only one "

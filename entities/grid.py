@@ -322,7 +322,7 @@ def fedavg(phi2: nn.Module, clients: list[Pool], cfg: Config, seed: int) -> nn.M
             local = copy.deepcopy(phi2)
             train_decider(local, pool.features, pool.labels, local_cfg, seed=seed + 1000 * rnd + k,
                           what=f"fedavg round {rnd} client {k + 1}")
-            arrays = [v.detach().numpy() for v in local.state_dict().values()]
+            arrays = [v.detach().cpu().numpy() for v in local.state_dict().values()]
             results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), len(pool), {})))
         params, _ = strategy.aggregate_fit(rnd, results, [])
         averaged = zip(state.items(), parameters_to_ndarrays(params), strict=True)

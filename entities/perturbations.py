@@ -22,7 +22,7 @@ class GaussianNoise(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        return f + self.sigma * f.std() * torch.randn(f.shape, generator=g)
+        return f + self.sigma * f.std() * torch.randn(f.shape, generator=g).to(f.device)
 
 
 class FeatureFilter(nn.Module):

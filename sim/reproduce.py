@@ -26,7 +26,7 @@ from entities.perturbations import PERTURBATIONS, build_perturbation
 from entities.pipeline import ArtefactStore, SharedModules, cached_features, load_task, shared_reconstructor, step1
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_json, write_table
-from entities.train import evaluate_classifier, evaluate_reconstruction, poison, to_float
+from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float
 from sim.cli import add_config_args, config_from_args, run_main
 
 log = logging.getLogger("poisonpool")
@@ -107,9 +107,8 @@ def figure5(cfg: Config, split, store: ArtefactStore, shared: SharedModules, dpm
         rows.append({"reconstructor": name, "trained against": name == cfg.reconstructor.name,
                      "l1 original": r_o["l1"], "l1 poisoned": r_p["l1"], "ssim original": r_o["ssim"],
                      "ssim poisoned": r_p["ssim"], "ssim inverted poisoned": r_p["ssim_inverted"]})
-        with torch.no_grad():
-            columns[f"{name} w/o"] = psi(feats[show])
-            columns[f"{name} w/"] = psi(poisoned[show])
+        columns[f"{name} w/o"] = infer(psi, feats[show])
+        columns[f"{name} w/"] = infer(psi, poisoned[show])
     return pd.DataFrame(rows), columns
 
 
@@ -157,9 +156,7 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
         log.info("wrote %s", md)
     if "figure4" in experiments:
         show = spread_rows(test_y, 8)
-        with torch.no_grad():
-            rec_o = shared.psi(feats[show])
-            rec_p = shared.psi(poisoned[show])
+        rec_o, rec_p = infer(shared.psi, feats[show]), infer(shared.psi, poisoned[show])
         png = image_grid(
             {"raw": to_float(test_x[show]), "ψ(φ1(x)) w/o poisoning": rec_o,
              "ψ(P(φ1(x))) w/ poisoning": rec_p, "1 − ψ(P(φ1(x)))": 1 - rec_p},
