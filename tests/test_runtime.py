@@ -76,7 +76,7 @@ def test_bf16_loops_learn_and_return_fp32_cpu_tensors(restore_runtime):
     runtime.use(Runtime(torch.device("cpu"), "bf16"))
     torch.manual_seed(0)
     model = build_backbone("resnet20", 2)
-    pretrain(model, images.numpy(), labels, TrainConfig(epochs=2, batch_size=64, lr=0.05, augment=False))
+    pretrain(model, images.numpy(), labels, TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=False))
     assert evaluate_classifier(model, images.numpy(), labels)["top1"] > 90
     phi1, _ = model.split("conv4_1")
     feats = extract_features(phi1, images.numpy()[:10])
