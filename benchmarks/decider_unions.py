@@ -24,12 +24,12 @@ from entities.train import evaluate_classifier
 from sim.cli import add_config_args, config_from_args, setup_logging
 
 UNIONS = {
-    "ϕ1(S1) ∪ ϕ1(S2) (row 6)": ("phi1:E1", "phi1:E2"),
-    "ϕ1(S1) ∪ P2(ϕ1(S2)) (row 7)": ("phi1:E1", "pool:E2"),
-    "ϕ1(S2)": ("phi1:E2",),
-    "ϕ1(S2) ∪ ϕ1(S3)": ("phi1:E2", "phi1:E3"),
-    "P2(ϕ1(S2)) ∪ P3(ϕ1(S3))": ("pool:E2", "pool:E3"),
-    "ϕ1(S1) ∪ … ∪ ϕ1(S4) (all4)": ("phi1:E1", "phi1:E2", "phi1:E3", "phi1:E4"),
+    "φ1(S1) ∪ φ1(S2) (row 6)": ("phi1:E1", "phi1:E2"),
+    "φ1(S1) ∪ P2(φ1(S2)) (row 7)": ("phi1:E1", "pool:E2"),
+    "φ1(S2)": ("phi1:E2",),
+    "φ1(S2) ∪ φ1(S3)": ("phi1:E2", "phi1:E3"),
+    "P2(φ1(S2)) ∪ P3(φ1(S3))": ("pool:E2", "pool:E3"),
+    "φ1(S1) ∪ … ∪ φ1(S4) (all4)": ("phi1:E1", "phi1:E2", "phi1:E3", "phi1:E4"),
 }
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     md = write_table(pd.DataFrame(lines), args.out, "decider-unions", "Φ's decider refined on other unions (%)",
                      f"{cfg.name}: Φ's φ2 refined for {cfg.decider.epochs} epochs with the grid's recipe (SGD, "
                      "cosine schedule, no augmentation on cached features) from the same start; top-1 on S's "
-                     f"test features. Φ's own φ2 on each entity's training features (phi1:Ek, i.e. ϕ1(Sk)) "
+                     f"test features. Φ's own φ2 on each entity's training features (phi1:Ek, i.e. φ1(Sk)) "
                      f"and poisoned pool (pool:Ek), top-1: {fit}.")
     print(md.read_text())
 

@@ -59,12 +59,12 @@ class Row:
             if what == "raw":
                 return "raw images S" if who == "S" else f"raw images S{k}"
             if what == "phi1":
-                return f"ϕ1(S{k})"
+                return f"φ1(S{k})"
             shared = describe(share, who, rounds)
-            return shared if share == DPM else f"ϕ1({shared})"  # receivers featurize shared images
+            return shared if share == DPM else f"φ1({shared})"  # receivers featurize shared images
 
         text = " ∪ ".join(one(p) for p in self.parts)
-        return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own ϕ1 features" if self.kind == FEDAVG else text
+        return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own φ1 features" if self.kind == FEDAVG else text
 
 
 ROWS: tuple[Row, ...] = (

@@ -48,9 +48,9 @@ def mode_name(mode: str, rounds: int) -> str:
 
 
 def describe(mode: str, sender: str, rounds: int) -> str:
-    """How Table 5 names sender ``E2``'s contribution in this mode, e.g. P2(ϕ1(S2)) or MDP(S2)."""
+    """How Table 5 names sender ``E2``'s contribution in this mode, e.g. P2(φ1(S2)) or MDP(S2)."""
     k = sender[1:]
-    return {DPM: f"P{k}(ϕ1(S{k}))", MDP: f"MDP(S{k})", AUGMDP: f"AugMDP{rounds}(S{k})",
+    return {DPM: f"P{k}(φ1(S{k}))", MDP: f"MDP(S{k})", AUGMDP: f"AugMDP{rounds}(S{k})",
             RAW: f"S{k}"}[check_mode(mode)]
 
 

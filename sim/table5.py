@@ -387,7 +387,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
     own_top1 = dict(zip(own["row"], own["top-1"], strict=True))
     alone = ", ".join(f"row {r} {own_top1[r]:.1f}" for r in ("1", "2", "3", "4", "6") if r in own_top1)
     return write_table(pd.DataFrame(lines), run_dir, "sharing", "Table 5 by sharing mode: utility and visual "
-                       "disclosure", "Top-1 (%) of rows 7-12 when the pools P_k(ϕ1(S_k)) are replaced by what "
+                       "disclosure", "Top-1 (%) of rows 7-12 when the pools P_k(φ1(S_k)) are replaced by what "
                        "each mode shares; the rows without shared data do not depend on the mode (" + alone + "). "
                        "SSIM columns: mean over the entities of the sender's own measurement (see pools-<mode>.md).")
 

@@ -76,7 +76,7 @@ def test_grid_writes_every_row_beside_the_paper(grid, root):
     assert size["10"] == n["E1"] + n["E2"] + 2 * n["E3"]
     assert size["12"] == size["all4"] == size["fedavg"] == sum(n.values())
     md = (run_dir / "table5.md").read_text()
-    assert "P1(ϕ1(S1)) ∪ P2(ϕ1(S2)) ∪ P3(ϕ1(S3)) ∪ ϕ1(S3)" in md and "row 12 − row 4" in md
+    assert "P1(φ1(S1)) ∪ P2(φ1(S2)) ∪ P3(φ1(S3)) ∪ φ1(S3)" in md and "row 12 − row 4" in md
     assert 0 < (run_dir / "table5.png").stat().st_size < 1_000_000
     pools = pd.read_csv(run_dir / "pools.csv")
     assert list(pools["entity"]) == ["E1", "E2", "E3", "E4"] and pools["ssim_pool"].notna().all()
@@ -206,7 +206,7 @@ def test_sharing_modes_share_the_rows_that_need_no_pools(grid, root):
     for mode in ("mdp", "raw"):  # row 6 shares nothing: stored once, reused by every mode
         assert runs[mode].reused == [("6", 0)] and runs[mode].computed == [("7", 0)]
     run_dir = root / "table5" / "table5-tiny"
-    assert "ϕ1(MDP(S2))" in (run_dir / "table5-mdp.md").read_text()
+    assert "φ1(MDP(S2))" in (run_dir / "table5-mdp.md").read_text()
     table = pd.read_csv(run_dir / "sharing.csv").set_index("shared")
     assert list(table.index) == ["DPM pools", "MDP", "raw images"]
     shown = table["SSIM(shared, real image it shows)"]
