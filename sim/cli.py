@@ -7,14 +7,24 @@ import logging
 import sys
 
 from entities import runtime
-from entities.config import Config, load_config, parse_overrides
+from entities.config import CONFIG_DIR, Config, load_config, parse_overrides
 from entities.data import DataError
 
 
+def override_item(item: str) -> str:
+    """One ``--set`` item; anything without ``=`` is refused, so ``--set`` never swallows a positional
+    argument that followed it (argparse's ``nargs="*"`` would take it as an override)."""
+    if "=" not in item:
+        raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE: put positional arguments before --set")
+    return item
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="default", help="preset in configs/ (or a .toml path)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override settings, e.g. --set dpm.lam=0.5 pretrain.epochs=3")
+    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    parser.add_argument("--config", default="default",
+                        help=f"preset in configs/ or a .toml path (default: %(default)s); presets: {presets}")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=override_item,
+                        help="override settings, e.g. --set dpm.lam=0.5 pretrain.epochs=3 precision=fp32")
     parser.add_argument("--data-root", default=None, help="folder with the data archives (default: search)")
     parser.add_argument("--allow-download", action="store_true",
                         help="let torchvision download CIFAR-10 if no archive is found (connected machines)")

@@ -186,3 +186,18 @@ def test_pretraining_killed_mid_run_resumes_to_the_same_weights(tmp_path, monkey
     assert len(history) == 3
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_set_refuses_a_positional_argument_instead_of_swallowing_it(capsys):
+    import argparse
+
+    from sim.cli import add_config_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("experiments", nargs="*")
+    add_config_args(parser)
+    args = parser.parse_args(["table1", "--set", "dpm.lam=0.5", "threads=1"])
+    assert args.experiments == ["table1"] and args.set == ["dpm.lam=0.5", "threads=1"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--set", "dpm.lam=0.5", "table1"])
+    assert "'table1' is not KEY=VALUE" in capsys.readouterr().err
