@@ -116,6 +116,30 @@ class CollabConfig:
 
 
 @dataclass
+class AttackConfig:
+    """The attack suite (``python -m sim.attack``, :mod:`entities.attacks`): who attacks whom, on how many
+    of the victim's images it is scored, and the attackers' own training budget.
+
+    The victims' side (Step 1, DPMs, MDP) keeps its own settings: an attack never changes the defence.
+    """
+
+    attacker: str = "E2"  # the collaborator that attacks: it holds its own shard and its own private DPM
+    victims: list[str] = field(default_factory=lambda: ["E1", "E4"])
+    images: int = 500  # victim images scored per victim (0 = its whole shard); MDP/AugMDP are crafted for these
+    gallery: int = 100  # identification: the true image among this many images of the victim's shard
+    seed: int = 1  # the attacker's seed, other than data.seed, so its px2s2 is not a copy of ψ
+    epochs: int = 10  # every decoder the attacker trains (decoder, transfer, dpm-agnostic)
+    batch_size: int = 128
+    lr: float = 1e-3
+    ssim_weight: float = 1.0  # decoder loss L1 + ssim_weight * (1 - SSIM)
+    max_pairs: int = 5000  # cap on the (features, image) pairs one attacker model trains on, for CPU scale
+    agnostic_lams: list[float] = field(default_factory=lambda: [0.5, 2.0])  # dpm-agnostic: one extra DPM each,
+    agnostic_inits: list[str] = field(default_factory=lambda: ["identity", "random"])  # with these inits
+    substitute_epochs: int = 3  # substitute: epochs of the class-conditional alignment and of the decoder
+    mmd_weight: float = 10.0  # substitute: weight of the MMD term beside φ2's cross-entropy
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +151,7 @@ class Config:
     mdp: MDPConfig = field(default_factory=MDPConfig)
     table5: Table5Config = field(default_factory=Table5Config)
     collab: CollabConfig = field(default_factory=CollabConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     results_root: str = ""  # empty: the project's results/
     threads: int = 0  # torch threads per process (0 = torch's default)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda: see entities/runtime.py

@@ -60,7 +60,9 @@ class Contribution:
 
     ``disclosure`` is the sender's report of the mean SSIM between each shared item and the real
     image it shows (see the module docstring); ``label_disclosure`` the same against the real image
-    whose label the item carries, which differs only for MDP (there, the target).
+    whose label the item carries, which differs only for MDP (there, the target). ``shows`` and
+    ``carries`` are those real images' rows in the sender's shard, item by item: the sender keeps
+    them (they never travel), and an attack is scored against them.
     """
 
     mode: str
@@ -68,6 +70,8 @@ class Contribution:
     labels: np.ndarray
     disclosure: float
     label_disclosure: float
+    shows: np.ndarray
+    carries: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,14 +90,17 @@ def contribute(entity: Entity, shared: SharedModules, cfg: Config, seed: int, mo
         entity.train_dpm(shared, cfg, seed=seed)
         pool = entity.poisoned_pool()
         shown = disclosure(entity.pool_reconstruction(shared))
-        return Contribution(mode, pool.features, pool.labels, shown, shown)
+        rows = np.arange(len(pool))
+        return Contribution(mode, pool.features, pool.labels, shown, shown, rows, rows)
     if mode == RAW:
-        return Contribution(mode, to_float(entity.images), np.asarray(entity.labels), 1.0, 1.0)
+        rows = np.arange(len(entity.labels))
+        return Contribution(mode, to_float(entity.images), np.asarray(entity.labels), 1.0, 1.0, rows, rows)
     rounds = 1 if mode == MDP else cfg.mdp.rounds
     mset = build_augmented_set(shared.backbone, entity.images, entity.labels, cfg.mdp, seed=seed, rounds=rounds,
                                out_dir=entity.store.private(entity.name, sets_folder(cfg.mdp, seed)))
     return Contribution(mode, mset.images.float(), mset.labels, float(ssim_to(mset, entity.images).mean()),
-                        float(ssim_to(mset, entity.images, "target").mean()))
+                        float(ssim_to(mset, entity.images, "target").mean()), mset.selected_index,
+                        mset.target_index)
 
 
 def received_pool(data: torch.Tensor, labels: np.ndarray, mode: str, phi1: torch.nn.Module) -> Pool:

@@ -18,11 +18,12 @@ import pandas as pd
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from entities.attacks.card import find_worst
 from entities.config import Config
 from entities.pipeline import ArtefactStore, entity_names
 from entities.pools import save_pool
 from entities.report import markdown_table, write_json, write_table
-from entities.sharing import mode_name, shares_images
+from entities.sharing import DPM, mode_name, shares_images
 from sim.app_config import config_from_run_config, run_dir, setup_app_logging
 from sim.audit import AuditedGrid
 from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
@@ -71,6 +72,21 @@ def summary_frame(result: CollaborationResult) -> pd.DataFrame:
     return df[["entity", "node_id", "status", "share"] + [c for c in COLUMNS if c in df.columns]]
 
 
+def with_worst_case(df: pd.DataFrame, cfg: Config) -> str:
+    """Label what ``disclosure_ssim`` measures and, where an attack report for the same settings exists,
+    put its worst case for each attacked entity beside it; returns that report's folder ('' if none)."""
+    share = cfg.collab.share
+    at = list(df.columns).index("disclosure_ssim") + 1 if "disclosure_ssim" in df.columns else len(df.columns)
+    df.insert(at, "disclosure_by", "ψ only" if share == DPM else "the shared image")
+    worst = find_worst(cfg, cfg.results_dir()).get(share, {})
+    if not worst:
+        return ""
+    for offset, (column, field) in enumerate([("worst_attack_ssim", "disclosure"), ("worst_attacker", "attacker"),
+                                              ("worst_identification", "identification")], start=1):
+        df.insert(at + offset, column, [worst[e][field] if e in worst else None for e in df["entity"]])
+    return ", ".join(sorted({w["report"] for w in worst.values()}))
+
+
 def write_results(out: Path, cfg: Config, context: Context, result: CollaborationResult, audited: AuditedGrid,
                   error: str, seconds: float) -> None:
     """Everything the run produced, also when it stopped early (``error`` says why)."""
@@ -96,6 +112,7 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
     audited.write(out / "messages.csv")
 
     df = summary_frame(result)
+    worst = with_worst_case(df, cfg)
     per_image = df["pool_bytes_per_image"].dropna() if "pool_bytes_per_image" in df else pd.Series(dtype=float)
     item_shape = "x".join(map(str, result.image_shape if result.image_shape else result.feature_shape))
     items = "images" if shares_images(share) else "features"
@@ -109,7 +126,13 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
         "Columns: items_shared = items in the entity's pool; disclosure_ssim = the sender's mean SSIM between "
         "each shared item and the real image it shows (raw: the image itself, 1; MDP/AugMDP: the selected "
         "image the modified one is built to resemble; DPM: the larger of SSIM(ψ(pool), x) and "
-        "SSIM(1 - ψ(pool), x)); label_ssim = the same against the real image whose label the item carries. "
+        "SSIM(1 - ψ(pool), x), ψ only: the one reconstructor every DPM was trained against, not an attacker "
+        "who adapts; disclosure_by says which); label_ssim = the same against the real image whose label the "
+        "item carries. "
+        + (f"worst_attack_ssim / worst_identification = the worst case over the attackers of `python -m "
+           f"sim.attack` on this entity's pool for the same settings ({worst}), and who reached it. " if worst else
+           "No `python -m sim.attack` report for these settings yet: the worst case over adaptive attackers is "
+           "unknown here, only ψ's figure. ") +
         "DPM mode only: top1_original / top1_poisoned = the shared decider φ2 (pretrained by "
         f"{cfg.backbone.pretrain_on}) on the original / the entity's poisoned test features, before any "
         "refinement; ssim_pool = SSIM between ψ(pool) and the entity's own images (ssim_pool_inverted uses "

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from entities.attacks.card import find_worst
 from entities.config import CollabConfig, Config
 from entities.grid import (
     FEDAVG,
@@ -370,8 +371,13 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
     return table
 
 
-def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rounds: int, run_dir: Path) -> Path:
-    """One line per sharing mode: what it discloses and what it is worth, for the same entities and data."""
+def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rounds: int, run_dir: Path,
+                  worst: dict[str, dict[str, dict]] | None = None) -> Path:
+    """One line per sharing mode: what it discloses and what it is worth, for the same entities and data.
+
+    The senders' disclosure of DPM pools is ψ's, and says so; ``worst`` (the worst cases of attack
+    reports for the same settings, :func:`entities.attacks.card.find_worst`) goes beside it.
+    """
     lines = []
     for mode, table in tables.items():
         top1 = dict(zip(table["row"], table["top-1"], strict=True))
@@ -380,16 +386,27 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
                 for k in ("bytes_per_image", "disclosure_ssim", "label_ssim")}
         line = {"shared": mode_name(mode, rounds), "bytes per image": round(mean["bytes_per_image"]),
                 "SSIM(shared, real image it shows)": mean["disclosure_ssim"],
+                "measured by": "ψ only" if mode == DPM else "the shared image",
                 "SSIM(shared, real image of its label)": mean["label_ssim"]}
+        if worst:
+            top = max((w for w in worst.get(mode, {}).values()), key=lambda w: w["disclosure"], default=None)
+            line |= {"worst attack SSIM": top["disclosure"] if top else float("nan"),
+                     "worst attack": f"{top['attacker']} on {top['victim']}" if top else "–"}
         line |= {f"row {r} top-1": top1.get(r, float("nan")) for r in ("7", "8", "9", "10", "11", "12")}
         lines.append(line)
     own = tables[next(iter(tables))]
     own_top1 = dict(zip(own["row"], own["top-1"], strict=True))
     alone = ", ".join(f"row {r} {own_top1[r]:.1f}" for r in ("1", "2", "3", "4", "6") if r in own_top1)
+    reports = sorted({w["report"] for by_victim in (worst or {}).values() for w in by_victim.values()})
+    attacked = (f"Worst attack: the most any attacker of `python -m sim.attack` recovered from one victim's pool in "
+                f"that mode (report(s) {', '.join(reports)})." if reports else
+                "No `python -m sim.attack` report for these settings: ψ's figure is the only measure of the DPM "
+                "pools here, and ψ is the one reconstructor every DPM was trained against.")
     return write_table(pd.DataFrame(lines), run_dir, "sharing", "Table 5 by sharing mode: utility and visual "
                        "disclosure", "Top-1 (%) of rows 7-12 when the pools P_k(φ1(S_k)) are replaced by what "
                        "each mode shares; the rows without shared data do not depend on the mode (" + alone + "). "
-                       "SSIM columns: mean over the entities of the sender's own measurement (see pools-<mode>.md).")
+                       "SSIM columns: mean over the entities of the sender's own measurement (see pools-<mode>.md); "
+                       "for DPM pools that is ψ's reconstruction (ψ only). " + attacked)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
@@ -469,7 +486,7 @@ def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], 
                  len(run.reused), run.seconds)
         print((run_dir / f"table5{suffix}.md").read_text())
     if len(modes) > 1:
-        md = sharing_table(tables, metrics, cfg.mdp.rounds, run_dir)
+        md = sharing_table(tables, metrics, cfg.mdp.rounds, run_dir, find_worst(cfg, cfg.results_dir()))
         print(md.read_text())
     return runs
 
