@@ -7,16 +7,18 @@ again. torchvision's CIFAR-10 download is available only behind an explicit ``al
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from entities.files import artefact_key, make_dir, write_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,10 +77,11 @@ class ImageSet:
 
 
 def data_roots(explicit: str | os.PathLike | None = None) -> list[Path]:
-    """Where archives are looked for, in order: the argument, $POISONPOOL_DATA, ../shared/data."""
-    roots = []
+    """Where archives are looked for: an explicit root alone (a root someone named must not be silently
+    replaced by another copy of the data), else $POISONPOOL_DATA, then ../shared/data."""
     if explicit:
-        roots.append(Path(explicit))
+        return [Path(explicit)]
+    roots = []
     if os.environ.get("POISONPOOL_DATA"):
         roots.append(Path(os.environ["POISONPOOL_DATA"]))
     roots += [PROJECT_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
@@ -88,8 +91,7 @@ def data_roots(explicit: str | os.PathLike | None = None) -> list[Path]:
 def cache_dir() -> Path:
     """Decoded arrays live here ($POISONPOOL_CACHE, default ~/.cache/poisonpool), outside the repo."""
     path = Path(os.environ.get("POISONPOOL_CACHE", Path.home() / ".cache" / "poisonpool"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dir(path, private=True)  # decoded images are as sensitive as the archive
 
 
 def find_archive(name: str, data_root: str | os.PathLike | None = None) -> Path:
@@ -109,11 +111,15 @@ def find_archive(name: str, data_root: str | os.PathLike | None = None) -> Path:
 def _cached(key: str, archive: Path, build) -> dict[str, np.ndarray]:
     """Load arrays cached under the archive's size and mtime, or build and cache them."""
     stat = archive.stat()
-    tag = hashlib.sha1(f"{archive.name}:{stat.st_size}:{int(stat.st_mtime)}:{key}".encode()).hexdigest()[:12]
+    tag = artefact_key({"archive": archive.name, "size": stat.st_size, "mtime": int(stat.st_mtime), "arrays": key})
     path = cache_dir() / f"{key}-{tag}.npz"
     if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(f"cache file {path} is corrupt ({type(err).__name__}: {err}); delete it and rerun "
+                            f"to decode {archive.name} again") from err
     try:
         arrays = build()
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
@@ -121,9 +127,9 @@ def _cached(key: str, archive: Path, build) -> dict[str, np.ndarray]:
             f"{archive} is corrupt or incomplete ({err}). Copy it again from the shared data folder "
             f"(its README lists the sha256)."
         ) from err
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue(), private=True)
     return arrays
 
 

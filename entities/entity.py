@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +17,10 @@ from torch import nn
 
 from entities.config import Config
 from entities.dpm import DeepPoisoningModule
+from entities.files import artefact_key, load_torch, module_digest, save_torch
+from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, SharedModules
+from entities.runtime import key_part
 from entities.train import (
     evaluate_classifier,
     evaluate_reconstruction,
@@ -62,21 +66,27 @@ class Entity:
             self.features = extract_features(shared.phi1, self.images)
         return Pool(self.features, self.labels)
 
-    def dpm_path(self, cfg: Config):
-        return self.store.private(self.name, f"dpm-{cfg.digest('dpm', 'reconstructor')}.pt")
+    def dpm_path(self, cfg: Config, shared: SharedModules, seed: int) -> Path:
+        """Keyed by everything the DPM depends on: its settings and seed, and the φ1, φ2 and ψ it was
+        trained against (as received), so no run is served a DPM trained for another."""
+        d = cfg.to_dict()
+        key = artefact_key({"dpm": d["dpm"], "reconstructor": d["reconstructor"], "seed": seed,
+                            "shared": module_digest(shared.phi1, shared.phi2, shared.psi),
+                            **key_part(cfg.device, cfg.precision)})
+        return self.store.private(self.name, f"dpm-{key}.pt")
 
     def train_dpm(self, shared: SharedModules, cfg: Config, seed: int) -> DeepPoisoningModule:
-        """Step 2 on its own shard; the DPM is saved only under this entity's private store."""
+        """Step 2 on its own shard; the DPM is saved only under this entity's private store (0600)."""
         own = self.featurize(shared)
         torch.manual_seed(seed)
         dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks, cfg.dpm.init)
-        path = self.dpm_path(cfg)
+        path = self.dpm_path(cfg, shared, seed)
         if path.is_file():
-            dpm.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+            dpm.load_state_dict(load_torch(path, f"{self.name}'s DPM"))
         else:
             train_dpm(dpm, copy.deepcopy(shared.phi2), shared.psi, own.features, self.images, self.labels,
                       cfg.dpm, seed=seed, what=f"{self.name} dpm")
-            torch.save(dpm.state_dict(), path)
+            save_torch(dpm.state_dict(), path, private=True)
         dpm.eval()
         self.dpm = dpm
         self._pool_scores = None
@@ -97,16 +107,19 @@ class Entity:
 
     def pool_metrics(self, shared: SharedModules, test_features: torch.Tensor, test_labels: np.ndarray
                      ) -> dict[str, float]:
-        """Decider accuracy on original vs poisoned test features, and ψ's SSIM on its own pool."""
+        """Decider accuracy on original vs poisoned test features, ψ's SSIM on its own pool and, as the
+        control that makes it mean something, ψ's disclosure on its own clean φ1 features."""
         orig = evaluate_classifier(shared.phi2, test_features, test_labels)
         pois = evaluate_classifier(nn.Sequential(self.dpm, shared.phi2), test_features, test_labels)
         recon = self.pool_reconstruction(shared)
+        clean = evaluate_reconstruction(shared.psi, self.featurize(shared).features, self.images)
         return {
             "top1_original": orig["top1"],
             "top1_poisoned": pois["top1"],
             "ssim_pool": recon["ssim"],
             "ssim_pool_inverted": recon["ssim_inverted"],
             "l1_pool": recon["l1"],
+            "ssim_clean": disclosure(clean),
         }
 
     def refine(self, shared: SharedModules, received: list[Pool], cfg: Config, test_features: torch.Tensor,

@@ -25,6 +25,7 @@ from entities import runtime
 from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.entity import Entity, Pool
+from entities.files import ArtefactError, artefact_key, write_json
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
 from entities.pools import PoolError, load_pool, validate_pool
 from entities.sharing import AUGMDP, DPM, MDP, contribute, describe, received_pool
@@ -115,10 +116,6 @@ def raw_epochs(row: Row, cfg: Config) -> int:
     return cfg.table5.all_epochs if row.uses("raw") == ["S"] else cfg.pretrain.epochs
 
 
-def _hash(settings: dict) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def contributions_key(cfg: Config, pool_source: str) -> str:
     """A hash of what the entities' contributions depend on: Step 1, the sharing mode and its settings."""
     d = cfg.to_dict()
@@ -127,7 +124,7 @@ def contributions_key(cfg: Config, pool_source: str) -> str:
                 "pools": pool_source, "share": share}
     settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"]} if share == DPM else {}
     settings |= {"mdp": d["mdp"]} if share in (MDP, AUGMDP) else {}
-    return _hash(settings | runtime.key_part(cfg.device, cfg.precision))
+    return artefact_key(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
 def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
@@ -143,7 +140,7 @@ def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
         settings["contributions"] = contributions_key(cfg, pool_source)
     if row.kind == FEDAVG:
         settings["fedavg"] = [cfg.table5.fedavg_rounds, cfg.table5.fedavg_local_epochs]
-    return _hash(settings | runtime.key_part(cfg.device, cfg.precision))
+    return artefact_key(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
 class RowStore:
@@ -173,14 +170,17 @@ class RowStore:
 
     @staticmethod
     def _read(path: Path) -> dict | None:
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ArtefactError(f"stored row {path} is unreadable ({err}); delete it to recompute the row") from err
 
     @staticmethod
     def _write(path: Path, record: dict) -> dict:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        """Atomically, under a temp name no concurrent writer shares: a kill never leaves half a row."""
+        write_json(record, path)
         return record
 
 

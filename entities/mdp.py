@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from entities import runtime
 from entities.backbone import Backbone
 from entities.config import MDPConfig
+from entities.files import save_torch, write_json
 from entities.metrics import ssim_per_image
 from entities.train import to_float
 
@@ -196,8 +197,7 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
     """Write the construction's settings on first use; refuse to resume under different ones."""
     path = out_dir / "meta.json"
     if not path.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_json(meta, path, private=True)
         return
     # A setting added after a construction was stored is read at its default, so old batches stay usable.
     old = {**asdict(MDPConfig()), **json.loads(path.read_text())}
@@ -256,9 +256,7 @@ def build_modified_set(
             rows = np.arange(b * cfg.batch_size, min(n, (b + 1) * cfg.batch_size))
             batch = _modify_batch(f, x_all, rows, selected[rows], cfg)
             if path is not None:
-                tmp = path.with_suffix(".tmp")
-                torch.save(batch, tmp)
-                tmp.replace(path)
+                save_torch(batch, path, private=True)  # whole or absent, 0600: images derived from the shard
             batches.append(batch)
             log.info("MDP draw %d: batch %d/%d done (%d images, %.0fs)", draw, b + 1, n_batches, len(rows),
                      time.time() - t0)

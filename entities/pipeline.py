@@ -20,6 +20,7 @@ from torch import nn
 from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import ImageSet, TaskSplit, load_dataset, make_shards, task_public_split
+from entities.files import load_torch, make_dir, save_torch
 from entities.reconstructors import Reconstructor, build_reconstructor
 from entities.train import extract_features, pretrain, train_reconstructor
 
@@ -63,27 +64,30 @@ def entity_shards(cfg: Config, split: TaskSplit) -> dict[str, np.ndarray]:
 
 
 class ArtefactStore:
-    """Files of one setting of Step 1: ``<results>/artefacts/<key>/{shared,private/<entity>}``."""
+    """Files of one setting of Step 1: ``<root>/artefacts/<key>/{shared,private/<entity>}``.
 
-    def __init__(self, cfg: Config) -> None:
+    ``root`` defaults to the settings' results folder; an entity of the Flower app passes the store
+    its operator's policy names instead (:mod:`entities.policy`), so whoever submits a run never
+    decides where an entity keeps its private files. ``private/`` and everything in it is 0700.
+    """
+
+    def __init__(self, cfg: Config, root: Path | None = None) -> None:
         self.key = cfg.digest("data", "backbone", "pretrain")
-        self.root = cfg.results_dir() / "artefacts" / self.key
+        self.root = (root or cfg.results_dir()) / "artefacts" / self.key
 
     def shared(self, name: str) -> Path:
         path = self.root / "shared" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(path.parent)
         return path
 
     def private(self, entity: str, name: str) -> Path:
         path = self.root / "private" / entity / name
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.root / "private"
+        for part in (entity, *Path(name).parent.parts):
+            make_dir(folder, private=True)
+            folder = folder / part
+        make_dir(folder, private=True)
         return path
-
-
-def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def pretrain_set(cfg: Config, split: TaskSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +109,7 @@ def pretrained_backbone(cfg: Config, split: TaskSplit, store: ArtefactStore) -> 
     model.split(cfg.backbone.hook)  # an unknown hook point fails before any training
     path = store.shared("backbone.pt")
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        model.load_state_dict(load_torch(path, "pretrained backbone"))
         model.eval()
         return model
     images, labels = pretrain_set(cfg, split)
@@ -114,7 +118,7 @@ def pretrained_backbone(cfg: Config, split: TaskSplit, store: ArtefactStore) -> 
     partial = store.shared("backbone.partial.pt")  # same settings key: a killed run resumes from it
     pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed, checkpoint=partial)
     log.info("pretraining done in %.0fs", time.time() - t0)
-    _save(model.state_dict(), path)
+    save_torch(model.state_dict(), path)
     partial.unlink(missing_ok=True)  # absent when pretrain.epochs = 0
     return model
 
@@ -123,11 +127,11 @@ def cached_features(store: ArtefactStore, tag: str, phi1: nn.Module, images: np.
     """φ1(images), computed once and kept in the store under ``tag``."""
     path = store.shared(f"features-{tag}.pt")
     if path.is_file():
-        feats = torch.load(path, weights_only=True, map_location="cpu")
+        feats = load_torch(path, "cached features")
         if len(feats) == len(images):
             return feats
     feats = extract_features(phi1, images)
-    _save(feats, path)
+    save_torch(feats, path)
     return feats
 
 
@@ -141,14 +145,14 @@ def shared_reconstructor(
     psi = build_reconstructor(name, tuple(q_feats.shape[1:]), split.Q.image_shape)
     path = store.shared(f"psi-{name}-{cfg.digest('reconstructor')}.pt")
     if path.is_file():
-        psi.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        psi.load_state_dict(load_torch(path, "reconstructor"))
         psi.eval()
         return psi
     t0 = time.time()
     log.info("training reconstructor %s on %d public images", name, len(q_feats))
     train_reconstructor(psi, q_feats, split.Q.train_images, cfg.reconstructor, seed=cfg.data.seed)
     log.info("reconstructor %s done in %.0fs", name, time.time() - t0)
-    _save(psi.state_dict(), path)
+    save_torch(psi.state_dict(), path)
     return psi
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+
+from entities import files  # noqa: E402
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -27,17 +28,14 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, stem: str, title: str, notes: str = "") -> Path:
-    """``<stem>.csv`` and ``<stem>.md`` (title, table, notes); returns the Markdown path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / f"{stem}.csv", index=False)
-    md = out_dir / f"{stem}.md"
-    md.write_text(f"# {title}\n\n{markdown_table(df)}\n\n{notes.strip()}\n")
-    return md
+    """``<stem>.csv`` and ``<stem>.md`` (title, table, notes), each written whole; returns the Markdown path."""
+    files.write_text(out_dir / f"{stem}.csv", df.to_csv(index=False))
+    return files.write_text(out_dir / f"{stem}.md", f"# {title}\n\n{markdown_table(df)}\n\n{notes.strip()}\n")
 
 
 def write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """The JSON report at ``path``, written whole (see :mod:`entities.files`)."""
+    files.write_json(obj, path)
 
 
 def image_grid(columns: dict[str, torch.Tensor], path: Path, row_labels: list[str] | None = None,

@@ -19,6 +19,7 @@ import pandas as pd
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from entities.files import write_text
 from entities.train import to_float
 
 AUDIT_COLUMNS = ["direction", "message_type", "node_id", "record", "kind", "item", "dtype", "shape", "bytes",
@@ -101,8 +102,6 @@ class AuditedGrid(Grid):
         return self._record(replies, "received")
 
     def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
         df = pd.DataFrame(self.rows, columns=AUDIT_COLUMNS)
         df["bytes"] = df["bytes"].astype("Int64")  # integers, blank where a row has no array
-        df.to_csv(path, index=False)
-        return path
+        return write_text(path, df.to_csv(index=False))

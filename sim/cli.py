@@ -9,6 +9,7 @@ import sys
 from entities import runtime
 from entities.config import CONFIG_DIR, Config, load_config, parse_overrides
 from entities.data import DataError
+from entities.files import ArtefactError, LockedError
 
 
 def override_item(item: str) -> str:
@@ -50,6 +51,6 @@ def run_main(main) -> None:
     setup_logging()
     try:
         main()
-    except (DataError, ValueError, FloatingPointError) as err:
+    except (DataError, ValueError, FloatingPointError, ArtefactError, LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

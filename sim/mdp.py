@@ -27,6 +27,7 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import TaskSplit
 from entities.entity import Entity
+from entities.files import load_torch, save_torch
 from entities.mdp import ModifiedSet, build_augmented_set, describe_pgd, sets_folder, ssim_to
 from entities.pipeline import (
     ArtefactStore,
@@ -84,15 +85,13 @@ def trained_model(cfg: Config, store: ArtefactStore, arch: str, tag: str, images
     model = build_backbone(arch, num_classes, images.shape[1])
     path = store.shared(f"mdp-model-{arch}-{tag}-{cfg.digest('pretrain', 'mdp')}.pt")
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        model.load_state_dict(load_torch(path, "MDP model"))
     else:
         t0 = time.time()
         log.info("training %s on %s (%d images)", arch, tag, len(labels))
         pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed)
         log.info("%s on %s trained in %.0fs", arch, tag, time.time() - t0)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        save_torch(model.state_dict(), path)
     model.eval()
     return model
 

@@ -35,6 +35,7 @@ import pandas as pd
 
 from entities.attacks.card import find_worst
 from entities.config import CollabConfig, Config
+from entities.files import check_run_name, results_lock
 from entities.grid import (
     FEDAVG,
     RAW,
@@ -453,22 +454,23 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
         raise ValueError(f"--from-flower {args.from_flower}: no such directory")
     seeds = [cfg.data.seed + i for i in range(args.seeds)]
     name = args.run or cfg.name + (f"-dirichlet{cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else "")
-    run_dir = cfg.results_dir() / "table5" / name
+    run_dir = cfg.results_dir() / "table5" / check_run_name(name)
 
     modes = [check_mode(m) for m in dict.fromkeys(args.share or [cfg.collab.share])]
-    if args.sequential:
-        return run_modes(cfg, modes, rows, seeds, Sequential(cfg.threads), "sequential, in one process", run_dir,
-                         args.from_flower)
-    import ray
+    with results_lock(cfg.results_dir()):  # one run per results root: rows and tables are never written twice
+        if args.sequential:
+            return run_modes(cfg, modes, rows, seeds, Sequential(cfg.threads), "sequential, in one process", run_dir,
+                             args.from_flower)
+        import ray
 
-    url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
-    if url:
-        print(f"Ray dashboard: http://{url}", flush=True)
-    how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
-    try:
-        return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower)
-    finally:
-        ray.shutdown()
+        url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
+        if url:
+            print(f"Ray dashboard: http://{url}", flush=True)
+        how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
+        try:
+            return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower)
+        finally:
+            ray.shutdown()
 
 
 def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], executor, how: str, run_dir: Path,

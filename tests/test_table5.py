@@ -11,9 +11,11 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +237,25 @@ def test_address_auto_joins_a_running_cluster(grid, root):
         assert status.returncode == 0 and "2.0 CPU" in status.stdout  # the command left the cluster up
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def test_sigkill_during_a_table5_run_keeps_finished_rows_and_the_rerun_completes(grid, root):
+    """A real SIGKILL of ``python -m sim.table5`` once it has stored a new row: every stored row is whole,
+    the results root is free again, and the rerun reuses the rows finished before the kill."""
+    rows = root / "table5" / "table5-tiny" / "rows"
+    args = ["--sequential", *settings(root), "--rows", "4", "--seeds", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "sim.table5", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(rows.glob("row4-seed1-*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    for path in rows.glob("*.json"):
+        json.loads(path.read_text())  # whole: written to a temp file and renamed
+    run = table5.main(args)["dpm"]
+    assert ("4", 1) in run.reused and {*run.reused, *run.computed} == {("4", 0), ("4", 1), ("4", 2)}
