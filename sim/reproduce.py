@@ -1,19 +1,27 @@
-"""Reproduce Deep Poisoning's Tables 1-3 and Figures 4-5 at CPU scale.
+"""Reproduce Deep Poisoning's Tables 1-3 and Figures 4-6 at CPU scale.
 
-    python -m sim.reproduce table1 table2 figure4 [table3 figure5] [--config default] [--set dpm.lam=0.5]
+    python -m sim.reproduce table1 table2 figure4 [table3 figure5 figure6] [--config default] [--set dpm.lam=0.5]
 
 Pretrains Φ on S, splits it at the hook point, trains ψ on Q and one DPM on S, then scores the
 decider and ψ on the held-out test split of S, from original and from poisoned features.
 ``table3`` adds the stationary perturbation baselines (GN, GF, MF, alone and before the DPM);
-``figure5`` trains the five other reconstructors of Sec. 4.2.2 as attackers the DPM never saw.
-Files go to ``results/reproduce/<config>/``; shared artefacts are reused from ``results/artefacts/``.
+``figure5`` trains the five other reconstructors of Sec. 4.2.2 as attackers the DPM never saw;
+``figure6`` shows ψ's reconstructions under each of Table 3's operations. Experiments are data
+(:data:`EXPERIMENTS`): each is a function of the one :class:`Run` that :func:`prepare` makes, so
+adding one is a function and a registry line. Files go to ``results/reproduce/<config>/``; shared
+artefacts are reused from ``results/artefacts/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,18 +29,18 @@ import torch
 from torch import nn
 
 from entities.config import Config
+from entities.data import TaskSplit
+from entities.dpm import DeepPoisoningModule
 from entities.entity import Entity
 from entities.perturbations import PERTURBATIONS, build_perturbation
 from entities.pipeline import ArtefactStore, SharedModules, cached_features, load_task, shared_reconstructor, step1
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_json, write_table
-from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float
+from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
 from sim.cli import add_config_args, config_from_args, run_main
 
 log = logging.getLogger("poisonpool")
 
-EXPERIMENTS = ("table1", "table2", "figure4", "table3", "figure5")
-DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
 
 # The paper's figures (ImageNet, 500 classes, 224 px, split at conv4_1).
 PAPER_TABLE1 = {
@@ -74,48 +82,41 @@ def spread_rows(labels, n: int) -> list[int]:
     return rows
 
 
-def table3(shared: SharedModules, dpm: nn.Module, feats: torch.Tensor, test_x, test_y) -> pd.DataFrame:
-    """Each poisoning operation scored for classification and reconstruction on the test split."""
-    ops = {"w/o": nn.Identity(), "DPM": dpm}
-    for name in PERTURBATIONS:
-        pert = build_perturbation(name)
-        ops[name] = pert
-        ops[f"{name}+DPM"] = nn.Sequential(pert, dpm)
-    rows = []
-    for name in PAPER_TABLE3:
-        with torch.no_grad():
-            altered = torch.cat([ops[name](feats[i:i + 500]) for i in range(0, len(feats), 500)])
-        c = evaluate_classifier(shared.phi2, altered, test_y)
-        r = evaluate_reconstruction(shared.psi, altered, test_x)
-        p = PAPER_TABLE3[name]
-        rows.append({"poisoning": name, "top1": c["top1"], "top5": c["top5"], "l1": r["l1"], "ssim": r["ssim"],
-                     "ssim_inverted": r["ssim_inverted"], "paper top1": p[0], "paper top5": p[1],
-                     "paper l1": p[2], "paper ssim": p[3]})
-    return pd.DataFrame(rows)
+@dataclass
+class Run:
+    """What every experiment reads, made once per invocation: settings, data, Step 1, the DPM trained
+    on S, and the test split's features with the decider's and ψ's scores on them."""
+
+    cfg: Config
+    split: TaskSplit
+    store: ArtefactStore
+    shared: SharedModules
+    entity: Entity  # S as one entity: its φ1 features and its private DPM
+    dpm: nn.Module
+    feats: torch.Tensor
+    poisoned: torch.Tensor
+    figures: dict[str, float]
+    setting: str
+    out_dir: Path
+
+    @property
+    def test_x(self) -> np.ndarray:
+        return self.split.S.test_images
+
+    @property
+    def test_y(self) -> np.ndarray:
+        return self.split.S.test_labels
+
+    def class_names(self, rows: list[int]) -> list[str]:
+        return [self.split.S.classes[c] for c in self.test_y[rows]]
+
+    def scores(self, key: str) -> dict[str, float]:
+        """The original (``key = "original"``) or poisoned figures of Tables 1-2."""
+        return {k[: -len(key) - 1]: v for k, v in self.figures.items() if k.endswith(f"_{key}")}
 
 
-def figure5(cfg: Config, split, store: ArtefactStore, shared: SharedModules, dpm: nn.Module, feats: torch.Tensor,
-            test_x, test_y) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-    """All six reconstructors of Sec. 4.2.2 on original and poisoned test features."""
-    poisoned = poison(dpm, feats)
-    show = spread_rows(test_y, 6)
-    rows, columns = [], {"raw": to_float(test_x[show])}
-    for name in RECONSTRUCTORS:
-        psi = shared_reconstructor(cfg, split, store, shared.phi1, name)
-        r_o = evaluate_reconstruction(psi, feats, test_x)
-        r_p = evaluate_reconstruction(psi, poisoned, test_x)
-        rows.append({"reconstructor": name, "trained against": name == cfg.reconstructor.name,
-                     "l1 original": r_o["l1"], "l1 poisoned": r_p["l1"], "ssim original": r_o["ssim"],
-                     "ssim poisoned": r_p["ssim"], "ssim inverted poisoned": r_p["ssim_inverted"]})
-        columns[f"{name} w/o"] = infer(psi, feats[show])
-        columns[f"{name} w/"] = infer(psi, poisoned[show])
-    return pd.DataFrame(rows), columns
-
-
-def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
-    t0 = time.time()
-    out_dir = cfg.results_dir() / "reproduce" / cfg.name
-    write_json(cfg.to_dict(), out_dir / "config.json")
+def prepare(cfg: Config) -> Run:
+    """Step 1, the DPM on S and the test split scored from original and from poisoned features."""
     split = load_task(cfg)
     store = ArtefactStore(cfg)
     log.info("S: %d train / %d test images of classes %s; Q: %d train images of classes %s",
@@ -124,7 +125,6 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
     shared = step1(cfg, split, store)
     entity = Entity("S", split.S.train_images, split.S.train_labels, store)
     dpm = entity.train_dpm(shared, cfg, seed=cfg.data.seed)
-
     test_x, test_y = split.S.test_images, split.S.test_labels
     feats = cached_features(store, "S-test", shared.phi1, test_x)
     poisoned = poison(dpm, feats)
@@ -138,46 +138,140 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
                f"{len(test_y)} test images), {cfg.backbone.name} split at {cfg.backbone.hook}, "
                f"ψ = {cfg.reconstructor.name} trained on Q ({len(split.Q.train_labels)} images), "
                f"DPM of {cfg.dpm.blocks} residual blocks, λ = {cfg.dpm.lam}.")
+    out_dir = cfg.results_dir() / "reproduce" / cfg.name
+    return Run(cfg, split, store, shared, entity, dpm, feats, poisoned, figures, setting, out_dir)
 
-    if "table1" in experiments:
-        ours = {m: (c_orig[m], c_pois[m]) for m in ("top1", "top5")}
-        md = write_table(_side_by_side(ours, PAPER_TABLE1, ["top1", "top5"]), out_dir, "table1",
-                         "Table 1: classification from original vs poisoned features (%)",
-                         f"Ours: {setting} With {len(split.S.classes)} classes top-5 is 100% by definition. "
-                         "Paper: ImageNet, 500 classes, 224-pixel images.")
-        log.info("wrote %s", md)
-    if "table2" in experiments:
-        ours = {m: (r_orig[m], r_pois[m]) for m in ("l1", "ssim", "ssim_inverted", "psnr")}
-        md = write_table(_side_by_side(ours, PAPER_TABLE2, ["l1", "ssim", "ssim_inverted", "psnr"]), out_dir,
-                         "table2", "Table 2: reconstruction by ψ from original vs poisoned features",
-                         f"Ours: {setting} L1 = mean absolute pixel error, images in [0, 1]; SSIM with an "
-                         "11-pixel Gaussian window (σ = 1.5), data range 1; ssim_inverted = SSIM(1 − ψ(·), x), "
-                         "which exposes a photographic-negative reconstruction; PSNR in dB for data range 1.")
-        log.info("wrote %s", md)
-    if "figure4" in experiments:
-        show = spread_rows(test_y, 8)
-        rec_o, rec_p = infer(shared.psi, feats[show]), infer(shared.psi, poisoned[show])
-        png = image_grid(
-            {"raw": to_float(test_x[show]), "ψ(φ1(x)) w/o poisoning": rec_o,
-             "ψ(P(φ1(x))) w/ poisoning": rec_p, "1 − ψ(P(φ1(x)))": 1 - rec_p},
-            out_dir / "figure4.png", [split.S.classes[c] for c in test_y[show]])
-        log.info("wrote %s", png)
-    if "table3" in experiments:
-        df = table3(shared, dpm, feats, test_x, test_y)
-        md = write_table(df, out_dir, "table3", "Table 3: stationary perturbations vs the DPM",
-                         f"Ours: {setting} GN adds Gaussian noise of one feature standard deviation, GF blurs each "
-                         "feature map with a 5x5 Gaussian (σ = 1.5), MF with a 5x5 mean filter; X+DPM applies X "
-                         "before the DPM (trained on unperturbed features). Paper: ResNet101 on ImageNet.")
-        log.info("wrote %s", md)
-    if "figure5" in experiments:
-        df, columns = figure5(cfg, split, store, shared, dpm, feats, test_x, test_y)
-        md = write_table(df, out_dir, "figure5", "Figure 5: the DPM against reconstructors it was not trained against",
-                         f"Ours: {setting} Every ψ is trained with L1 on Q only; the DPM was trained against "
-                         f"{cfg.reconstructor.name} alone.")
-        image_grid(columns, out_dir / "figure5.png", [split.S.classes[c] for c in test_y[spread_rows(test_y, 6)]])
-        log.info("wrote %s and figure5.png", md)
-    figures["seconds"] = time.time() - t0
-    write_json(figures, out_dir / "figures.json")
+
+def table1(run: Run) -> None:
+    o, p = run.scores("original"), run.scores("poisoned")
+    ours = {m: (o[m], p[m]) for m in ("top1", "top5")}
+    md = write_table(_side_by_side(ours, PAPER_TABLE1, ["top1", "top5"]), run.out_dir, "table1",
+                     "Table 1: classification from original vs poisoned features (%)",
+                     f"Ours: {run.setting} With {len(run.split.S.classes)} classes top-5 is 100% by definition. "
+                     "Paper: ImageNet, 500 classes, 224-pixel images.")
+    log.info("wrote %s", md)
+
+
+def table2(run: Run) -> None:
+    o, p = run.scores("original"), run.scores("poisoned")
+    ours = {m: (o[m], p[m]) for m in ("l1", "ssim", "ssim_inverted", "psnr")}
+    md = write_table(_side_by_side(ours, PAPER_TABLE2, ["l1", "ssim", "ssim_inverted", "psnr"]), run.out_dir,
+                     "table2", "Table 2: reconstruction by ψ from original vs poisoned features",
+                     f"Ours: {run.setting} L1 = mean absolute pixel error, images in [0, 1]; SSIM with an "
+                     "11-pixel Gaussian window (σ = 1.5), data range 1; ssim_inverted = SSIM(1 − ψ(·), x), "
+                     "which exposes a photographic-negative reconstruction; PSNR in dB for data range 1.")
+    log.info("wrote %s", md)
+
+
+def figure4(run: Run) -> None:
+    show = spread_rows(run.test_y, 8)
+    rec_o, rec_p = infer(run.shared.psi, run.feats[show]), infer(run.shared.psi, run.poisoned[show])
+    png = image_grid(
+        {"raw": to_float(run.test_x[show]), "ψ(φ1(x)) w/o poisoning": rec_o,
+         "ψ(P(φ1(x))) w/ poisoning": rec_p, "1 − ψ(P(φ1(x)))": 1 - rec_p},
+        run.out_dir / "figure4.png", run.class_names(show))
+    log.info("wrote %s", png)
+
+
+def perturbed_dpm(run: Run, name: str) -> nn.Module:
+    """A DPM trained, like the paper's X+DPM reading, on X(φ1(x)) of S: the perturbation is in front of
+    it from its first step. Stored beside the entity's own DPM, under the same settings key."""
+    cfg, S = run.cfg, run.split.S
+    pert = build_perturbation(name)
+    train_feats = run.entity.featurize(run.shared).features
+    torch.manual_seed(cfg.data.seed)
+    dpm = DeepPoisoningModule(train_feats.shape[1], cfg.dpm.blocks, cfg.dpm.init)
+    path = run.store.private("S", f"dpm-after-{name}-{cfg.digest('dpm', 'reconstructor')}.pt")
+    if path.is_file():
+        dpm.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    else:
+        train_dpm(dpm, copy.deepcopy(run.shared.phi2), run.shared.psi, infer(pert, train_feats), S.train_images,
+                  S.train_labels, cfg.dpm, seed=cfg.data.seed, what=f"DPM after {name}")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a kill leaves no half-written DPM
+        torch.save(dpm.state_dict(), tmp)
+        tmp.replace(path)
+    return nn.Sequential(pert, dpm.eval())
+
+
+def table3_ops(run: Run) -> dict[str, nn.Module]:
+    """Table 3's operations on φ1 features. ``X+DPM`` puts X in front of the DPM trained on unperturbed
+    features; ``X+DPM (trained after X)`` in front of a DPM trained with X in front (see table3)."""
+    ops: dict[str, nn.Module] = {"w/o": nn.Identity(), "DPM": run.dpm}
+    for name in PERTURBATIONS:
+        pert = build_perturbation(name)
+        ops[name] = pert
+        ops[f"{name}+DPM"] = nn.Sequential(pert, run.dpm)
+        ops[f"{name}+DPM (trained after {name})"] = perturbed_dpm(run, name)
+    return ops
+
+
+def table3(run: Run) -> None:
+    """Each poisoning operation scored for classification and reconstruction on the test split."""
+    rows = []
+    for name, op in table3_ops(run).items():
+        altered = infer(op, run.feats)
+        c = evaluate_classifier(run.shared.phi2, altered, run.test_y)
+        r = evaluate_reconstruction(run.shared.psi, altered, run.test_x)
+        p = PAPER_TABLE3.get(name.split(" ")[0], (None,) * 4)
+        rows.append({"poisoning": name, "top1": c["top1"], "top5": c["top5"], "l1": r["l1"], "ssim": r["ssim"],
+                     "ssim_inverted": r["ssim_inverted"], "paper top1": p[0], "paper top5": p[1],
+                     "paper l1": p[2], "paper ssim": p[3]})
+    md = write_table(pd.DataFrame(rows), run.out_dir, "table3", "Table 3: stationary perturbations vs the DPM",
+                     f"Ours: {run.setting} GN adds Gaussian noise of one feature standard deviation, GF blurs each "
+                     "feature map with a 5x5 Gaussian (σ = 1.5), MF with a 5x5 mean filter. Two readings of "
+                     "the paper's X+DPM: `X+DPM` applies X before the DPM trained on unperturbed features; "
+                     "`X+DPM (trained after X)` before a DPM trained with X in front, on X(φ1(x)) of S. The "
+                     "paper's figures sit beside both. Paper: ResNet101 on ImageNet.")
+    log.info("wrote %s", md)
+
+
+def figure5(run: Run) -> None:
+    """All six reconstructors of Sec. 4.2.2 on original and poisoned test features."""
+    show = spread_rows(run.test_y, 6)
+    rows, columns = [], {"raw": to_float(run.test_x[show])}
+    for name in RECONSTRUCTORS:
+        psi = shared_reconstructor(run.cfg, run.split, run.store, run.shared.phi1, name)
+        r_o = evaluate_reconstruction(psi, run.feats, run.test_x)
+        r_p = evaluate_reconstruction(psi, run.poisoned, run.test_x)
+        rows.append({"reconstructor": name, "trained against": name == run.cfg.reconstructor.name,
+                     "l1 original": r_o["l1"], "l1 poisoned": r_p["l1"], "ssim original": r_o["ssim"],
+                     "ssim poisoned": r_p["ssim"], "ssim inverted poisoned": r_p["ssim_inverted"]})
+        columns[f"{name} w/o"] = infer(psi, run.feats[show])
+        columns[f"{name} w/"] = infer(psi, run.poisoned[show])
+    md = write_table(pd.DataFrame(rows), run.out_dir, "figure5",
+                     "Figure 5: the DPM against reconstructors it was not trained against",
+                     f"Ours: {run.setting} Every ψ is trained with L1 on Q only; the DPM was trained against "
+                     f"{run.cfg.reconstructor.name} alone.")
+    image_grid(columns, run.out_dir / "figure5.png", run.class_names(show))
+    log.info("wrote %s and figure5.png", md)
+
+
+def figure6(run: Run) -> None:
+    """ψ's reconstructions under every operation of Table 3 (the paper's Figure 6), both X+DPM readings."""
+    show = spread_rows(run.test_y, 6)
+    columns = {"raw": to_float(run.test_x[show])}
+    for name, op in table3_ops(run).items():
+        columns[name] = infer(run.shared.psi, infer(op, run.feats[show]))
+    png = image_grid(columns, run.out_dir / "figure6.png", run.class_names(show))
+    log.info("wrote %s", png)
+
+
+EXPERIMENTS: dict[str, Callable[[Run], None]] = {
+    "table1": table1, "table2": table2, "figure4": figure4, "table3": table3, "figure5": figure5,
+    "figure6": figure6,
+}
+DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
+
+
+def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
+    """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts."""
+    t0 = time.time()
+    run = prepare(cfg)
+    write_json(cfg.to_dict(), run.out_dir / "config.json")
+    for name in experiments:
+        EXPERIMENTS[name](run)
+    figures = {**run.figures, "seconds": time.time() - t0}
+    write_json(figures, run.out_dir / "figures.json")
     log.info("done in %.0fs: %s", figures["seconds"],
              ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if k != "seconds"))
     return figures
@@ -186,7 +280,7 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("experiments", nargs="*", default=list(DEFAULT_EXPERIMENTS),
-                        help=f"any of {EXPERIMENTS} (default: {' '.join(DEFAULT_EXPERIMENTS)})")
+                        help=f"any of {', '.join(EXPERIMENTS)} (default: {' '.join(DEFAULT_EXPERIMENTS)})")
     add_config_args(parser)
     args = parser.parse_args(argv)
     unknown = set(args.experiments) - set(EXPERIMENTS)
