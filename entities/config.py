@@ -8,14 +8,17 @@ whichever way the run was started. A preset may ``extends = "other"`` to change 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from entities.backbone import BACKBONES
 from entities.data import PROJECT_ROOT
+from entities.files import artefact_key
+from entities.reconstructors import RECONSTRUCTORS
 from entities.runtime import DEVICES, PRECISIONS, key_part
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -113,6 +116,10 @@ class CollabConfig:
     """How the entities collaborate (Flower app and Table 5 grid alike)."""
 
     share: str = "dpm"  # what each entity shares: dpm, mdp, augmdp or raw (see entities/sharing.py)
+    # Hostile pools (entities/pools.py): the most items one pool may hold, beside what its entity declared,
+    # and how many times the largest |φ1 feature| the pretrainer published a pool value may reach.
+    max_pool: int = 100_000
+    feature_bound: float = 10.0
 
 
 @dataclass
@@ -125,17 +132,17 @@ class AttackConfig:
 
     attacker: str = "E2"  # the collaborator that attacks: it holds its own shard and its own private DPM
     victims: list[str] = field(default_factory=lambda: ["E1", "E4"])
-    images: int = 500  # victim images scored per victim (0 = its whole shard); MDP/AugMDP are crafted for these
+    images: int = 300  # victim images scored per victim (0 = its whole shard); MDP/AugMDP are crafted for these
     gallery: int = 100  # identification: the true image among this many images of the victim's shard
     seed: int = 1  # the attacker's seed, other than data.seed, so its px2s2 is not a copy of ψ
-    epochs: int = 10  # every decoder the attacker trains (decoder, transfer, dpm-agnostic)
+    epochs: int = 8  # every decoder the attacker trains (decoder, transfer, dpm-agnostic)
     batch_size: int = 128
     lr: float = 1e-3
     ssim_weight: float = 1.0  # decoder loss L1 + ssim_weight * (1 - SSIM)
-    max_pairs: int = 5000  # cap on the (features, image) pairs one attacker model trains on, for CPU scale
+    max_pairs: int = 2500  # cap on the (features, image) pairs one attacker model trains on, for CPU scale
     agnostic_lams: list[float] = field(default_factory=lambda: [0.5, 2.0])  # dpm-agnostic: one extra DPM each,
     agnostic_inits: list[str] = field(default_factory=lambda: ["identity", "random"])  # with these inits
-    substitute_epochs: int = 3  # substitute: epochs of the class-conditional alignment and of the decoder
+    substitute_epochs: int = 2  # substitute: epochs of the class-conditional alignment and of the decoder
     mmd_weight: float = 10.0  # substitute: weight of the MMD term beside φ2's cross-entropy
 
 
@@ -170,7 +177,7 @@ class Config:
         d = self.to_dict()
         picked = {s: d[s] for s in sections} if sections else d
         picked |= key_part(self.device, self.precision)  # bf16 trains other weights than fp32
-        return hashlib.sha1(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
+        return artefact_key(picked)
 
     def results_dir(self) -> Path:
         return Path(self.results_root) if self.results_root else PROJECT_ROOT / "results"
@@ -195,16 +202,41 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict:
     return _merge(_read_preset(parent, (*seen, name)), raw) if parent else raw
 
 
-def _coerce(value: Any, like: Any) -> Any:
-    """Turn an override string into the type of the default it replaces."""
-    if not isinstance(value, str) or isinstance(like, str):
-        return value
-    if isinstance(like, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {value!r}")
-        return value.lower() in ("true", "1")
-    if isinstance(like, (int, float, list)):
-        return json.loads(value)
+def _kind(annotation: str) -> tuple[type, type | None]:
+    """``int``, ``float``, ``bool``, ``str`` or ``list`` (with its element type) from a field's annotation."""
+    base = {"int": int, "float": float, "bool": bool, "str": str}
+    if annotation.startswith("list["):
+        return list, base[annotation[5:-1]]
+    return base[annotation], None
+
+
+def _typed(value: Any, kind: type, key: str) -> Any:
+    """``value`` as ``kind``: an override string parsed, a TOML value checked; never a silent cast."""
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            value = json.loads(text) if kind is list else kind(text)
+        except ValueError:
+            raise ValueError(f"setting {key}: expected {names[kind]}, got {value!r}") from None
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"setting {key}: expected {names[kind]}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """An override string or a TOML value as the type the field declares; errors name the key."""
+    kind, item = _kind(annotation)
+    value = _typed(value, kind, key)
+    if item is not None:
+        value = [_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -216,12 +248,73 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     default = cls()
     for k, v in values.items():
+        key = f"{where}.{k}" if where else k
         current = getattr(default, k)
         if dataclasses.is_dataclass(current):
-            kwargs[k] = _build(type(current), v, f"{where}.{k}" if where else k)
+            if not isinstance(v, dict):
+                raise ValueError(f"setting {key} is a section ([{key}]), not a value: got {v!r}")
+            kwargs[k] = _build(type(current), v, key)
         else:
-            kwargs[k] = _coerce(v, current)
+            kwargs[k] = _coerce(v, known[k].type, key)
     return cls(**kwargs)
+
+
+# Ranges, by field name wherever it appears (so a new section's epochs are checked too), then by key.
+_BY_NAME: dict[str, tuple[str, float]] = {"batch_size": (">=", 1), "lr": (">", 0), "lam": (">=", 0),
+                                           "weight_decay": (">=", 0), "threads": (">=", 0), "seed": (">=", 0)}
+_BY_KEY: dict[str, tuple[str, float]] = {
+    "data.alpha": (">", 0), "data.max_task_train": (">=", 0), "data.max_public_train": (">=", 0),
+    "data.max_test": (">=", 0), "dpm.blocks": (">=", 1), "mdp.steps": (">=", 0), "mdp.step_size": (">", 0),
+    "mdp.p": (">", 0), "mdp.epsilon": (">=", 0), "mdp.rounds": (">=", 1), "mdp.image_size": (">=", 0),
+    "table5.fedavg_rounds": (">=", 1), "collab.max_pool": (">=", 1), "collab.feature_bound": (">", 0),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.partition": ("iid", "dirichlet"), "dpm.init": DPM_INITS, "mdp.norm": ("linf", "l2"),
+    "device": DEVICES, "precision": PRECISIONS,
+    "backbone.name": tuple(BACKBONES), "reconstructor.name": tuple(RECONSTRUCTORS),
+}
+
+
+def _range_error(key: str, value: Any) -> str | None:
+    name = key.rsplit(".", 1)[-1]
+    rule = _BY_KEY.get(key) or _BY_NAME.get(name) or ((">=", 0) if name.endswith("epochs") else None)
+    if rule is None or isinstance(value, (str, list)):
+        return None
+    op, bound = rule
+    if (op == ">=" and value >= bound) or (op == ">" and value > bound):
+        return None
+    return f"setting {key} = {value!r} is out of range: it must be {op} {bound:g}"
+
+
+def validate(cfg: Config) -> Config:
+    """Every setting's range and choices, each error naming its key: before any work is done."""
+    def walk(obj, where: str):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{where}.{f.name}" if where else f.name
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, key)
+            else:
+                yield key, value
+
+    for key, value in walk(cfg, ""):
+        if err := _range_error(key, value):
+            raise ValueError(err)
+        choices = _CHOICES.get(key)
+        if choices and value not in choices:
+            raise ValueError(f"setting {key} = {value!r} is not one of: {', '.join(choices)}")
+    from entities.sharing import check_mode  # sharing builds on this module
+
+    check_mode(cfg.collab.share)
+    d = cfg.data
+    if not d.shard_fractions or any(not 0 < f <= 1 for f in d.shard_fractions) or sum(d.shard_fractions) > 1:
+        raise ValueError(f"setting data.shard_fractions = {d.shard_fractions}: each must lie in (0, 1] and "
+                         f"their sum in (0, 1]")
+    who = cfg.backbone.pretrain_on
+    if who != "S" and not (who.startswith("E") and who[1:].isdigit() and 1 <= int(who[1:]) <= len(d.shard_fractions)):
+        raise ValueError(f"setting backbone.pretrain_on = {who!r}: use 'S' or one of "
+                         f"{', '.join(f'E{i + 1}' for i in range(len(d.shard_fractions)))}")
+    return cfg
 
 
 def load_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> Config:
@@ -231,10 +324,12 @@ def load_config(preset: str = "default", overrides: dict[str, Any] | None = None
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key}: {'.'.join(parents[:i + 1])} is a setting, not a section")
         node[leaf] = value
-    return _build(Config, raw, "")
+    return validate(_build(Config, raw, ""))
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -244,5 +339,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
         k, v = item.split("=", 1)
+        if not k.strip():
+            raise ValueError(f"override {item!r} names no setting")
         out[k.strip()] = v.strip()
     return out

@@ -19,7 +19,9 @@ from flwr.app import UserConfig
 from entities import runtime
 from entities.config import Config, load_config, parse_overrides
 from entities.data import PROJECT_ROOT
-from entities.sharing import check_mode
+from entities.files import check_run_name
+
+FAILED = ".failed"  # a failed run's results go to <run-name>.failed, beside the last completed ones
 
 
 def setup_app_logging() -> None:
@@ -42,22 +44,21 @@ def _absolute(path: str) -> str:
 
 
 def config_from_run_config(run_config: UserConfig) -> Config:
-    """The Config of a Flower run (``preset``, ``overrides``, ``results-root``, ``data-root``)."""
+    """The Config of a Flower run (``preset``, ``overrides``, ``results-root``).
+
+    The results root is the ServerApp's. An entity takes its data root and private store from its
+    own policy (:mod:`entities.policy`), never from here.
+    """
     overrides = parse_overrides(str(run_config.get("overrides", "")).split())
     if run_config.get("results-root"):
         overrides["results_root"] = str(run_config["results-root"])
-    if run_config.get("data-root"):
-        overrides["data.data_root"] = str(run_config["data-root"])
-    cfg = load_config(str(run_config.get("preset", "collab")), overrides)
-    check_mode(cfg.collab.share)  # before any node trains, not at the step that first shares
+    cfg = load_config(str(run_config.get("preset", "collab")), overrides)  # checks every setting, the mode too
     if cfg.results_root:
         cfg.results_root = _absolute(cfg.results_root)
-    if cfg.data.data_root:
-        cfg.data.data_root = _absolute(cfg.data.data_root)
     runtime.configure(cfg)
     return cfg
 
 
 def run_dir(cfg: Config, run_config: UserConfig) -> Path:
-    """``<results>/flower/<run-name>``; the run name defaults to the preset's name."""
-    return cfg.results_dir() / "flower" / str(run_config.get("run-name") or cfg.name)
+    """``<results>/flower/<run-name>``; the run name (default: the preset's name) is one plain folder name."""
+    return cfg.results_dir() / "flower" / check_run_name(str(run_config.get("run-name") or cfg.name))

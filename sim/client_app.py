@@ -7,6 +7,11 @@ replies carry the shared modules (from the pretrainer only), the poisoned pool, 
 metrics. In the ``mdp``/``augmdp`` modes the pool holds MDP's modified images (which look like
 real images of its shard), in ``raw`` mode the images themselves: those modes share images by
 design, and every entity reports how much they disclose (``disclosure_ssim``).
+
+The run config does not decide what the entity discloses: its SuperNode's policy does
+(:mod:`entities.policy`, from the node config). The entity refuses a sharing mode its policy does
+not allow, measures its pool locally and refuses to send it above its disclosure ceiling, reads its
+data and keeps its private files where the policy says, and checks every pool it receives.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from entities.config import Config
 from entities.data import TaskSplit
 from entities.entity import Entity, Pool
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task, step1
-from entities.pools import validate_shared
+from entities.policy import EntityPolicy, load_policy, local_disclosure
+from entities.pools import feature_scale, validate_shared
 from entities.sharing import DPM, contribute, received_pool
 from entities.train import extract_features
 from sim.app_config import config_from_run_config, setup_app_logging
@@ -35,9 +41,10 @@ app = ClientApp()
 
 @dataclass
 class Local:
-    """What one SuperNode holds: the settings, the task data, its entity and its seed."""
+    """What one SuperNode holds: the settings, its operator's policy, the task data, its entity and its seed."""
 
     cfg: Config
+    policy: EntityPolicy
     split: TaskSplit
     entity: Entity
     seed: int
@@ -63,14 +70,18 @@ def entity_name(cfg: Config, context: Context) -> str:
 
 
 def local(context: Context) -> Local:
-    """The entity this node plays, with its shard of S."""
+    """The entity this node plays, with its shard of S read from the policy's data root and its
+    private store at the policy's place (whatever the run config says about either)."""
     setup_app_logging()
     cfg = config_from_run_config(context.run_config)
+    policy = load_policy(context.node_config)
     name = entity_name(cfg, context)
+    cfg.data.data_root = policy.data_root
     split = load_task(cfg)
     shard = entity_shards(cfg, split)[name]
-    entity = Entity(name, split.S.train_images[shard], split.S.train_labels[shard], ArtefactStore(cfg))
-    return Local(cfg, split, entity, cfg.data.seed + entity_names(cfg).index(name))
+    store = ArtefactStore(cfg, policy.store_root())
+    entity = Entity(name, split.S.train_images[shard], split.S.train_labels[shard], store)
+    return Local(cfg, policy, split, entity, cfg.data.seed + entity_names(cfg).index(name))
 
 
 def reply(msg: Message, metrics: dict[str, float], **records) -> Message:
@@ -80,8 +91,11 @@ def reply(msg: Message, metrics: dict[str, float], **records) -> Message:
 
 @app.query("entity")
 def introduce(msg: Message, context: Context) -> Message:
-    """Say which entity this node is (without loading any data, so it answers at once)."""
-    name = entity_name(config_from_run_config(context.run_config), context)
+    """Say which entity this node is (without loading any data, so it answers at once), or refuse
+    the run at once when its sharing mode is outside this node's policy."""
+    cfg = config_from_run_config(context.run_config)
+    name = entity_name(cfg, context)
+    load_policy(context.node_config).check_mode(name, cfg.collab.share)
     return Message(content=RecordDict({"entity": ConfigRecord({"name": name})}), reply_to=msg)
 
 
@@ -105,7 +119,9 @@ def pretrain(msg: Message, context: Context) -> Message:
     feature_shape = list(here.test_features(shared.phi1).shape[1:])
     image_shape = list(here.entity.images.shape[1:])  # what image-sharing modes' pools are checked against
     metrics = {"num-examples": len(here.entity.labels), "pretrain_seconds": time.time() - t0}
-    info = ConfigRecord({"feature-shape": feature_shape, "image-shape": image_shape})
+    # The scale of honest φ1 features, against which the server bounds every pool's values.
+    scale = feature_scale(here.entity.featurize(shared).features)
+    info = ConfigRecord({"feature-shape": feature_shape, "image-shape": image_shape, "feature-scale": scale})
     return reply(msg, metrics, shared=pack_shared(shared), info=info)
 
 
@@ -120,11 +136,15 @@ def share_pool(msg: Message, context: Context) -> Message:
     t0 = time.time()
     here = local(context)
     cfg, entity = here.cfg, here.entity
+    here.policy.check_mode(entity.name, cfg.collab.share)
     shared = unpack_shared(msg.content["shared"], cfg, entity.images.shape[1:])
     context.state["shared"] = msg.content["shared"]  # kept on this node for step 3
     sent = contribute(entity, shared, cfg, here.seed)
+    measured = local_disclosure(entity, sent, here.policy, cfg.attack, here.seed)
+    here.policy.check_disclosure(entity.name, sent.mode, measured)
     metrics = {"num-examples": len(entity.labels), "items_shared": len(sent), "disclosure_ssim": sent.disclosure,
-               "label_ssim": sent.label_disclosure}
+               "label_ssim": sent.label_disclosure, "local_disclosure_ssim": max(measured.values()),
+               "disclosure_ceiling": here.policy.ceiling}
     if sent.mode == DPM:
         metrics |= entity.pool_metrics(shared, here.test_features(shared.phi1), here.test_labels)
     metrics["pool_seconds"] = time.time() - t0
@@ -144,8 +164,10 @@ def refine(msg: Message, context: Context) -> Message:
     shared = unpack_shared(context.state["shared"], cfg, entity.images.shape[1:])
     received = unpack_pool(msg.content["pool"], mode)
     test_features = here.test_features(shared.phi1)
+    # The server checked every pool; a receiver checks again against its own measure of φ1's scale.
+    bound = cfg.collab.feature_bound * feature_scale(entity.featurize(shared).features)
     validate_shared("received", received, mode, tuple(test_features.shape[1:]), tuple(entity.images.shape[1:]),
-                    len(cfg.data.task_classes))
+                    len(cfg.data.task_classes), cfg.collab.max_pool * (len(entity_names(cfg)) - 1), bound)
     pool = received_pool(received.features, received.labels, mode, shared.phi1)
     _, own = entity.refine(shared, [], cfg, test_features, here.test_labels, seed=here.seed)
     _, refined = entity.refine(shared, [pool], cfg, test_features, here.test_labels, seed=here.seed)

@@ -6,12 +6,19 @@ pool discloses), ``run.json`` (status, sharing mode, phases and durations, failu
 ``messages.csv`` (every message that crossed, see :mod:`sim.audit`) and each validated pool as
 ``artefacts/pools/E{k}.pt`` (features in ``dpm`` mode, which the Table 5 grid can reuse; images in
 the other modes, with the mode in the file's metadata).
+
+Nothing lost, nothing stale: the run holds its results root's lock, writes into a staging folder of
+its own and moves it into place when it ends, so a rerun keeps the previous results until it has
+completed; a failed run goes to ``<run>.failed`` beside them. Any exception marks the run failed. A
+run killed outright leaves its staging folder, which the next run on that root removes.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -20,13 +27,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from entities.attacks.card import find_worst
 from entities.config import Config
+from entities.files import results_lock
 from entities.pipeline import ArtefactStore, entity_names
 from entities.pools import save_pool
 from entities.report import markdown_table, write_json, write_table
-from entities.sharing import DPM, mode_name, shares_images
-from sim.app_config import config_from_run_config, run_dir, setup_app_logging
+from entities.sharing import AUGMDP, DPM, mode_name, shares_images
+from sim.app_config import FAILED, config_from_run_config, run_dir, setup_app_logging
 from sim.audit import AuditedGrid
-from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
+from strategies.pool_exchange import CollaborationError, CollaborationResult, EntityStatus, PoolExchange
 
 log = logging.getLogger("poisonpool")
 
@@ -34,7 +42,8 @@ app = ServerApp()
 
 # Per-entity columns of the summary, in the order of the three steps.
 COLUMNS = ["num-examples", "items_shared", "pool_bytes_per_image", "disclosure_ssim", "label_ssim",
-           "top1_original", "top1_poisoned", "ssim_pool", "ssim_pool_inverted", "l1_pool", "received_images",
+           "local_disclosure_ssim", "disclosure_ceiling", "top1_original", "top1_poisoned", "ssim_pool",
+           "ssim_pool_inverted", "l1_pool", "ssim_clean", "received_images",
            "top1_own", "top5_own", "top1_refined", "top5_refined", "pretrain_seconds", "pool_seconds",
            "refine_seconds"]
 
@@ -47,17 +56,73 @@ def main(grid: Grid, context: Context) -> None:
     out = run_dir(cfg, context.run_config)
     log.info("Flower run %d, preset %s, sharing mode %s: results go to %s", context.run_id, cfg.name,
              cfg.collab.share, out)
-    audited = AuditedGrid(grid)
-    strategy = PoolExchange(entity_names(cfg), cfg.backbone.pretrain_on, len(cfg.data.task_classes),
-                            node_wait=float(context.run_config.get("node-wait", 120)), share=cfg.collab.share)
-    error = ""
-    try:
-        strategy.start(audited, timeout=float(context.run_config.get("timeout", 3600)))
-    except CollaborationError as err:
-        error = str(err)
-        raise
-    finally:
-        write_results(out, cfg, context, strategy.result, audited, error, time.time() - t0)
+    share = cfg.collab.share
+    with results_lock(cfg.results_dir()):
+        recover(out)
+        stage = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+        audited = AuditedGrid(grid)
+        result = CollaborationResult({n: EntityStatus(n) for n in entity_names(cfg)}, share)  # until a strategy runs
+        error = ""
+        try:
+            strategy = PoolExchange(entity_names(cfg), cfg.backbone.pretrain_on, len(cfg.data.task_classes),
+                                    node_wait=float(context.run_config.get("node-wait", 120)), share=share,
+                                    roster=parse_roster(str(context.run_config.get("roster", ""))),
+                                    max_pool=cfg.collab.max_pool, feature_bound=cfg.collab.feature_bound,
+                                    items_per_image=cfg.mdp.rounds if share == AUGMDP else 1)
+            result = strategy.result
+            strategy.start(audited, timeout=float(context.run_config.get("timeout", 3600)))
+        except BaseException as err:  # any failure, not only the strategy's own, marks the run failed
+            error = str(err) if isinstance(err, CollaborationError) else f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            write_results(stage, cfg, context, result, audited, error, time.time() - t0)
+            publish(stage, out, failed=bool(error))
+
+
+def parse_roster(text: str) -> dict[int, str] | None:
+    """``"E1=123 E2=456"`` (run-config key ``roster``) as {node id: entity}; empty: no roster."""
+    roster: dict[int, str] = {}
+    for item in text.replace(",", " ").split():
+        name, _, node = item.partition("=")
+        if not node.strip().isdigit() or not name.strip():
+            raise ValueError(f"roster entry {item!r} is not of the form E<k>=<node id> (run-config key roster)")
+        if int(node) in roster:
+            raise ValueError(f"roster lists node {node} twice (run-config key roster)")
+        roster[int(node)] = name.strip()
+    if len(set(roster.values())) < len(roster):
+        raise ValueError(f"roster gives one entity several nodes: {text!r} (run-config key roster)")
+    return roster or None
+
+
+def _old(dest: Path) -> list[Path]:
+    return sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
+def recover(out: Path) -> None:
+    """Under the results lock: put back results a killed run had moved aside, drop its staging folders."""
+    for dest in (out, out.with_name(out.name + FAILED)):
+        old = _old(dest)
+        if old and not dest.exists():
+            old.pop().rename(dest)
+        for stale in old:
+            shutil.rmtree(stale)
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(stale)
+
+
+def publish(stage: Path, out: Path, failed: bool) -> Path:
+    """Move a finished run's folder into place: ``<run>`` when it completed (the previous results stay
+    until then), ``<run>.failed`` when it did not (the previous results stay, untouched)."""
+    dest = out.with_name(out.name + FAILED) if failed else out
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    if dest.exists():
+        dest.rename(old)
+    stage.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    if not failed:
+        shutil.rmtree(out.with_name(out.name + FAILED), ignore_errors=True)  # an earlier attempt's record
+    log.info("results in %s", dest)
+    return dest
 
 
 def summary_frame(result: CollaborationResult) -> pd.DataFrame:
@@ -97,8 +162,6 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
     write_json({**meta, "run_config": dict(context.run_config), "config": cfg.to_dict()}, out / "config.json")
 
     pool_dir = out / "artefacts" / "pools"
-    for stale in pool_dir.glob("*.pt"):
-        stale.unlink()
     for name, pool in result.pools.items():
         save_pool(pool, pool_dir / f"{name}.pt", {**meta, "entity": name, "feature_shape": list(result.feature_shape),
                                                    "shape": list(pool.features.shape[1:])})
@@ -107,7 +170,7 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
     failures = {n: s.failure for n, s in result.entities.items() if s.failure}
     status = "failed" if error else "completed"
     write_json({**meta, "status": status, "error": error, "seconds": seconds, "phases": result.phases,
-                "failures": failures, "feature_shape": list(result.feature_shape),
+                "failures": failures, "refused": result.refused, "feature_shape": list(result.feature_shape),
                 "nodes": {n: s.node_id for n, s in result.entities.items()}}, out / "run.json")
     audited.write(out / "messages.csv")
 
@@ -139,6 +202,12 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
         "1 - ψ). top1_own = φ2 refined on the entity's own φ1 features only; top1_refined / top5_refined = "
         "φ2 refined on its own features plus the pools received from the other healthy entities (φ1 of the "
         "images in the image modes). Accuracies in % on the common test split of S.",
+        "local_disclosure_ssim = the most the sender's own local attacks recovered from its pool before sending "
+        "(its reported disclosure and, for DPM pools, a decoder trained on half of its own (pool, image) pairs and "
+        "scored on the other half); disclosure_ceiling = the most its operator's policy accepts (above it the "
+        "entity refuses to send); ssim_clean = ψ's disclosure on the entity's clean φ1 features, the control "
+        "without which a low ssim_pool means nothing.",
+        f"Refused at step 0: {'; '.join(result.refused)}." if result.refused else "",
         "Phases:\n\n" + markdown_table(phases, ".1f"),
     ]
     title = f"Flower collaboration: {cfg.name}, sharing {mode_name(share, cfg.mdp.rounds)}"

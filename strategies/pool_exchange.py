@@ -17,9 +17,19 @@ round of messages here:
    image modes) and reports top-1/top-5 on the common test split.
 
 Before step 1 a ``query.entity`` round asks every SuperNode which entity it is, so the strategy
-can address the pretrainer and name entities in its results. Any entity that raises, times out or
-sends a bad pool is recorded in :attr:`PoolExchange.result` and the others carry on; fewer than
-``min_healthy`` healthy entities stop the run with :class:`CollaborationError`.
+can address the pretrainer and name entities in its results. A claim is only a claim: with a
+``roster`` (node id -> entity, the ids the SuperLink assigned when each node's public key was
+registered, so the SuperLink has authenticated the node) a node is the entity the roster names and
+a node that claims another entity, or is not on the roster, is refused; without one, a second node
+claiming an entity already taken is refused. Refusals are recorded and the run goes on. Any entity
+that raises, times out, refuses by its policy or sends a bad pool is recorded in
+:attr:`PoolExchange.result` and the others carry on; fewer than ``min_healthy`` healthy entities
+stop the run with :class:`CollaborationError`.
+
+Pools are checked as hostile input (:mod:`entities.pools`): shape, dtype, label shape and range,
+at most as many items as the sender declared (times the items per image of the mode) and
+``max_pool``, and feature values within ``feature_bound`` times the largest |φ1 feature| the
+pretrainer published.
 """
 
 from __future__ import annotations
@@ -78,7 +88,9 @@ class CollaborationResult:
     pool_bytes: dict[str, int] = field(default_factory=dict)
     feature_shape: tuple[int, ...] = ()
     image_shape: tuple[int, ...] = ()  # from the pretrainer's reply; checked in the image modes only
+    feature_scale: float = 0.0  # the largest |φ1 feature| on the pretrainer's shard, from its reply
     phases: list[tuple[str, float]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # nodes refused at step 0, and why
 
     def healthy(self) -> list[str]:
         return [n for n, s in self.entities.items() if s.healthy]
@@ -102,18 +114,34 @@ class PoolExchange(Strategy):
     share : str (default: "dpm")
         The sharing mode (``collab.share``): what the pools hold, hence how they are checked.
         An unknown mode raises ValueError before any message is sent.
+    roster : dict[int, str] | None (default: None)
+        Authenticated node id -> entity. None: nodes are the entities they claim, first come.
+    max_pool : int (default: 100000)
+        The most items any pool may hold (``collab.max_pool``).
+    feature_bound : float (default: 10)
+        Pool feature values may reach this many times the pretrainer's published feature scale.
+    items_per_image : int (default: 1)
+        Items a sender may share per image it declared (AugMDP(T) shares T).
     """
 
     def __init__(self, entities: list[str], pretrain_on: str, num_classes: int, min_healthy: int = 2,
-                 node_wait: float = 120.0, share: str = DPM) -> None:
+                 node_wait: float = 120.0, share: str = DPM, roster: dict[int, str] | None = None,
+                 max_pool: int = 100_000, feature_bound: float = 10.0, items_per_image: int = 1) -> None:
         if pretrain_on not in entities:
             raise ValueError(f"pretrain_on={pretrain_on!r} must be one of the entities {entities}")
+        unknown = sorted(set((roster or {}).values()) - set(entities))
+        if unknown:
+            raise ValueError(f"roster names {unknown}, which are not among the entities {entities}")
         self.share = check_mode(share)
         self.entities = list(entities)
         self.pretrain_on = pretrain_on
         self.num_classes = num_classes
         self.min_healthy = min_healthy
         self.node_wait = node_wait
+        self.roster = roster
+        self.max_pool = max_pool
+        self.feature_bound = feature_bound
+        self.items_per_image = items_per_image
         self.result = CollaborationResult({n: EntityStatus(n) for n in entities}, self.share)
         self._sent: dict[int, str] = {}  # node id -> entity of the messages in flight
 
@@ -161,16 +189,21 @@ class PoolExchange(Strategy):
                 if "num-examples" not in metrics:
                     raise KeyError("its metrics lack num-examples")
                 if server_round == 1:
-                    arrays = content["shared"]
-                    self.result.shared = arrays
                     info = content["info"]
                     self.result.feature_shape = tuple(int(d) for d in info["feature-shape"])
+                    scale = float(info["feature-scale"])
+                    if not 0 < scale < float("inf"):
+                        raise ValueError(f"published feature scale {scale} is not a positive finite number")
+                    self.result.feature_scale = scale
                     if shares_images(self.share):
                         self.result.image_shape = tuple(int(d) for d in info["image-shape"])
+                    arrays = self.result.shared = content["shared"]  # only once the whole reply checked out
                 elif server_round == 2:
                     pool = unpack_pool(content["pool"], self.share)
+                    declared = int(metrics["num-examples"])
                     validate_shared(name, pool, self.share, self.result.feature_shape, self.result.image_shape,
-                                    self.num_classes)
+                                    self.num_classes, min(self.items_per_image * declared, self.max_pool),
+                                    self.feature_bound * self.result.feature_scale)
                     self.result.pools[name] = pool
                     self.result.pool_bytes[name] = content["pool"].count_bytes()
             except (KeyError, TypeError, ValueError) as err:  # PoolError is a ValueError
@@ -247,26 +280,46 @@ class PoolExchange(Strategy):
             time.sleep(1.0)
         log.info("%d SuperNode(s) connected for %d entities", len(node_ids), len(self.entities))
         messages = [Message(content=RecordDict(), dst_node_id=node, message_type=INTRODUCE) for node in node_ids]
+        refusals: dict[str, str] = {}  # entity -> why a node answering for it was refused
         for msg in grid.send_and_receive(messages, timeout=timeout):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("node %d could not say which entity it is: %s", node, msg.error.reason)
+                claim = (self.roster or {}).get(node)
+                self._refuse(node, f"could not say which entity it is: {msg.error.reason}")
+                if claim:
+                    refusals[claim] = msg.error.reason
                 continue
-            name = str(msg.content["entity"]["name"])
+            try:
+                name = str(msg.content["entity"]["name"])
+            except (KeyError, TypeError) as err:
+                self._refuse(node, f"sent no entity name ({err})")
+                continue
             status = self.result.entities.get(name)
             if status is None:
-                log.warning("node %d claims to be %r, which is not among %s; ignored", node, name, self.entities)
+                self._refuse(node, f"claims to be {name!r}, which is not among {', '.join(self.entities)}")
+            elif self.roster is not None and self.roster.get(node) != name:
+                listed = self.roster.get(node)
+                self._refuse(node, f"claims to be {name} but the roster lists it as "
+                                   f"{listed if listed else 'no entity (not an authenticated member)'}")
             elif status.node_id is not None:
-                raise CollaborationError(f"nodes {status.node_id} and {node} both claim to be {name}: give each "
-                                         f"SuperNode its own partition-id")
+                self._refuse(node, f"claims to be {name}, already answered for by node {status.node_id}")
             else:
                 status.node_id = node
         for status in self.result.entities.values():
             if status.node_id is None:
-                status.failure = "step 0: no SuperNode answered for this entity"
+                why = refusals.get(status.name)
+                status.failure = f"step 0: {'refused: ' + why if why else 'no SuperNode answered for this entity'}"
         log.info("entities: %s", ", ".join(f"{s.name}=node {s.node_id}" for s in self.result.entities.values()))
         if not self.result.entities[self.pretrain_on].healthy:
-            raise CollaborationError(f"the pretraining entity {self.pretrain_on} has no SuperNode")
+            refused = "; ".join(self.result.refused)
+            raise CollaborationError(f"the pretraining entity {self.pretrain_on} has no SuperNode "
+                                     f"({self.result.entities[self.pretrain_on].failure})"
+                                     + (f"; refused: {refused}" if refused else ""))
+
+    def _refuse(self, node: int, reason: str) -> None:
+        reason = " ".join(str(reason).split())[:500]
+        log.warning("node %d refused: %s", node, reason)
+        self.result.refused.append(f"node {node}: {reason}")
 
     def _fail(self, name: str, server_round: int, reason: str) -> None:
         reason = " ".join(str(reason).split())[:500]

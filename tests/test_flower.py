@@ -8,7 +8,9 @@ their own $FLWR_HOME and ports, so a SuperLink someone else left running is neve
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,15 +29,17 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
+from entities.entity import Pool
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
-from entities.pools import load_pool, validate_pool
+from entities.pools import PoolError, load_pool, validate_pool
 from entities.train import extract_features
 from sim import server_app
 from sim.app_config import config_from_run_config
 from sim.audit import array_digest, matching_images
+from sim.certs import main as certs_main
 from sim.client_app import app as client_app
 from strategies.pool_exchange import CollaborationError
-from strategies.records import SHARED_PARTS
+from strategies.records import SHARED_PARTS, pack_pool
 
 
 def _settings() -> list[str]:
@@ -48,6 +52,9 @@ def _settings() -> list[str]:
 
 
 SETTINGS = _settings()
+# ψ reconstructs clean features at this preset and the DPMs beat it, so the privacy assertions can fail.
+PRESET = "collab-test"
+FEATURES = (32, 16, 16)  # φ1 at conv3_1 of the ResNet-20
 OFFLINE = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -104,7 +111,7 @@ def _zombie(pid: int) -> bool:
 
 
 def sim_run_cmd(results: Path, run_name: str, *extra: str, settings: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "sim.run", "--config", "collab-tiny", "--set", *SETTINGS, *settings,
+    return [sys.executable, "-m", "sim.run", "--config", PRESET, "--set", *SETTINGS, *settings,
             "--results-root", str(results), "--run-name", run_name, "--no-stream", *extra]
 
 
@@ -128,7 +135,7 @@ def sim_run(results, tmp_path_factory) -> SimpleNamespace:
         table = _proc_table()
         stop([pid for pid, (_, cmd) in table.items() if "flower-superlink" in cmd and f"--port {port}" in cmd])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cfg = config_from_run_config({"preset": "collab-tiny", "overrides": " ".join(SETTINGS),
+    cfg = config_from_run_config({"preset": PRESET, "overrides": " ".join(SETTINGS),
                                   "results-root": str(results)})
     return SimpleNamespace(out=results / "flower" / "sim", cfg=cfg, stdout=proc.stdout)
 
@@ -142,9 +149,14 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
     df = pd.read_csv(out / "summary.csv")
     assert list(df["entity"]) == entity_names(cfg) and set(df["status"]) == {"ok"}
     assert df[["top1_original", "top1_refined", "top5_refined"]].apply(lambda c: c.between(0, 100)).all().all()
-    assert (df["ssim_pool"].abs() < 0.5).all()
-    # 64x8x8 float32 features and an int64 label per image, plus the .npy headers of two arrays
-    assert df["pool_bytes_per_image"].between(64 * 8 * 8 * 4 + 8, 64 * 8 * 8 * 4 + 8 + 300).all()
+    # Controls that can fail: ψ does reconstruct each entity's clean features, and its pool hides them from ψ.
+    assert (df["ssim_clean"] > 0.5).all() and (df["disclosure_ssim"] < df["ssim_clean"] - 0.3).all(), df
+    # ψ understates: a decoder trained on the entity's own (pool, image) pairs sees more (the default policy
+    # measures and reports it; a ceiling below it would refuse to send).
+    assert (df["local_disclosure_ssim"] > df["disclosure_ssim"] + 0.1).all() and set(df["disclosure_ceiling"]) == {1}
+    # 32x16x16 float32 features and an int64 label per image, plus the .npy headers of two arrays
+    item = int(np.prod(FEATURES)) * 4 + 8
+    assert df["pool_bytes_per_image"].between(item, item + 300).all()
     # The default sharing mode, and each sender's disclosure: the ψ SSIM of its pool, either way round.
     assert set(df["share"]) == {"dpm"} and (df["items_shared"] == df["num-examples"]).all()
     assert np.allclose(df["disclosure_ssim"], df[["ssim_pool", "ssim_pool_inverted"]].max(axis=1))
@@ -155,7 +167,7 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
         assert df.set_index("entity").loc[name, "received_images"] == others
         pool, meta = load_pool(out / "artefacts" / "pools" / f"{name}.pt")
         assert meta["store_key"] == ArtefactStore(cfg).key and meta["config_digest"] == cfg.digest()
-        validate_pool(name, pool, (64, 8, 8), len(cfg.data.task_classes))
+        validate_pool(name, pool, FEATURES, len(cfg.data.task_classes))
         assert np.array_equal(pool.labels, split.S.train_labels[shards[name]])
     assert "Pool per shared image" in (out / "summary.md").read_text()
 
@@ -212,13 +224,18 @@ class LocalGrid(Grid):
     """The real ClientApp called in this process, one Context per node, with faults injected.
 
     ``faults`` maps a partition-id to what its entity does wrong in step 2: ``raise`` (the ClientApp
-    raises), ``nan`` (its pool has a NaN), ``shape`` (its pool has the wrong feature shape) or
-    ``range`` (a value of 1.5, outside an image's [0, 1]).
+    raises), ``nan`` (its pool has a NaN), ``shape`` (its pool has the wrong feature shape),
+    ``range`` (a value of 1.5, outside an image's [0, 1]) or ``hang`` (it never answers: the test
+    kills the process). ``policies`` adds node-config keys (the entity's policy) per partition-id to
+    :data:`TEST_POLICY`, which keeps private files in the results root and allows every mode.
     """
 
-    def __init__(self, run_config: dict, num_nodes: int, faults: dict[int, str]) -> None:
+    def __init__(self, run_config: dict, num_nodes: int, faults: dict[int, str],
+                 policies: dict[int, dict] | None = None) -> None:
+        base = {"private-store": run_config["results-root"], **TEST_POLICY}
         self.contexts = {1000 + k: Context(run_id=7, node_id=1000 + k, state=RecordDict(), run_config=run_config,
-                                           node_config={"partition-id": k, "num-partitions": num_nodes})
+                                           node_config={"partition-id": k, "num-partitions": num_nodes, **base,
+                                                        **(policies or {}).get(k, {})})
                          for k in range(num_nodes)}
         self.faults = {1000 + k: f for k, f in faults.items()}
         self.ids = itertools.count()
@@ -253,6 +270,9 @@ class LocalGrid(Grid):
             try:
                 if fault == "raise":
                     raise RuntimeError("injected failure")
+                if fault == "hang":  # tell the test where it hangs, then wait to be killed
+                    Path(self.contexts[node].run_config["results-root"], "hanging").touch()
+                    time.sleep(600)
                 reply = client_app(msg, self.contexts[node])
             except Exception as err:  # what a SuperNode does with a ClientApp exception
                 replies.append(Message(Error(code=1, reason=repr(err)), reply_to=msg))
@@ -267,12 +287,17 @@ class LocalGrid(Grid):
         return replies
 
 
-def run_in_process(results: Path, run_name: str, faults: dict[int, str], settings: tuple[str, ...] = ()
-                   ) -> tuple[Path, LocalGrid]:
+# The in-process runs' entities allow every mode and any disclosure unless a test says otherwise; a short
+# local attack keeps them quick (the simulation keeps the default budget).
+TEST_POLICY = {"allow-share": "dpm mdp augmdp raw", "disclosure-ceiling": 1.0, "attack-epochs": 5}
+
+
+def run_in_process(results: Path, run_name: str, faults: dict[int, str], settings: tuple[str, ...] = (),
+                   policies: dict[int, dict] | None = None) -> tuple[Path, LocalGrid]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 0
-    run_config = {"preset": "collab-tiny", "overrides": " ".join((*SETTINGS, *settings)), "results-root": str(results),
+    run_config = {"preset": PRESET, "overrides": " ".join((*SETTINGS, *settings)), "results-root": str(results),
                   "run-name": run_name, "timeout": 60, "node-wait": 1}
-    grid = LocalGrid(run_config, 4, faults)
+    grid = LocalGrid(run_config, 4, faults, policies)
     server_app.app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return results / "flower" / run_name, grid
 
@@ -291,13 +316,38 @@ def test_failed_entities_are_left_out_and_recorded(sim_run, results):
     assert sorted(p.stem for p in (out / "artefacts" / "pools").glob("*.pt")) == ["E1", "E2"]
     assert len({id(p) for p in grid.payloads}) == len(grid.payloads)  # a fresh RecordDict for every message
 
+    # A receiver checks what the server sends it, too: a tampered union of 1e30 values is refused.
+    features = torch.rand(10, *FEATURES)
+    features[3, 0, 0, 0] = 1e30
+    hostile = Message(RecordDict({"pool": pack_pool(Pool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
+                      dst_node_id=1000, message_type="train.refine")
+    hostile.metadata.__dict__["_message_id"] = "hostile"
+    with pytest.raises(PoolError, match="pool received: feature values up to 1e\\+30 in magnitude, above the bound"):
+        client_app(hostile, grid.contexts[1000])
+
 
 def test_fewer_than_two_healthy_entities_stop_with_a_clear_error(sim_run, results):
+    # E4's own policy accepts no disclosure at all: it measures its pool and refuses to send it.
     with pytest.raises(CollaborationError, match="only 1 healthy entities \\(E1\\)"):
-        run_in_process(results, "too-few", {1: "shape", 2: "nan", 3: "raise"})
-    run = pd.read_json(results / "flower" / "too-few" / "run.json", typ="series")
+        run_in_process(results, "too-few", {1: "shape", 2: "nan"}, policies={3: {"disclosure-ceiling": 0.0}})
+    assert not (results / "flower" / "too-few").exists()  # a failed run's results go beside, never in place
+    run = pd.read_json(results / "flower" / "too-few.failed" / "run.json", typ="series")
     assert run["status"] == "failed" and "at least 2" in run["error"]
-    assert "features of shape (64, 4, 4)" in run["failures"]["E2"]
+    assert f"features of shape ({FEATURES[0]}, 4, 4)" in run["failures"]["E2"]
+    assert "E4 refuses to send its dpm pool: measured disclosure SSIM" in run["failures"]["E4"]
+    assert "above its ceiling 0 (policy node config" in run["failures"]["E4"]
+
+
+def test_a_run_config_asking_for_raw_images_is_refused_by_every_entity(results):
+    """Whoever submits the run cannot make entities send their images: their own policies allow dpm only."""
+    dpm_only = {k: {"allow-share": "dpm"} for k in range(4)}
+    with pytest.raises(CollaborationError, match="the pretraining entity E1 has no SuperNode"):
+        run_in_process(results, "all-refuse", {}, ("collab.share=raw",), policies=dpm_only)
+    run = pd.read_json(results / "flower" / "all-refuse.failed" / "run.json", typ="series")
+    assert run["status"] == "failed" and len(run["refused"]) == 4
+    assert all("refuses sharing mode 'raw': its policy (node config allow-share" in r for r in run["refused"])
+    msgs = pd.read_csv(results / "flower" / "all-refuse.failed" / "messages.csv", keep_default_na=False)
+    assert set(msgs["message_type"]) == {"query.entity"} and not (msgs["kind"] == "array").any()
 
 
 # MDP small enough for a test: 5 PGD steps, one batch per entity (the store keeps the sets).
@@ -375,10 +425,16 @@ def test_message_audit_in_the_image_sharing_modes(sim_run, image_runs):
 
 
 def test_image_pool_outside_unit_range_is_left_out(sim_run, results):
-    out, _ = run_in_process(results, "share-raw-range", {3: "range"}, ("collab.share=raw",))
+    # E3's operator allows DPM pools only: it refuses this raw-image run, the others go on.
+    out, _ = run_in_process(results, "share-raw-range", {3: "range"}, ("collab.share=raw",),
+                            policies={2: {"allow-share": "dpm"}})
     run = pd.read_json(out / "run.json", typ="series")
-    assert run["status"] == "completed" and set(run["failures"]) == {"E4"}
+    assert run["status"] == "completed" and set(run["failures"]) == {"E3", "E4"}
     assert "pixel values must lie in [0, 1]" in run["failures"]["E4"] and "1.5" in run["failures"]["E4"]
+    assert run["failures"]["E3"] == "step 0: no SuperNode answered for this entity"
+    (refused,) = run["refused"]
+    assert refused.startswith("node 1002: could not say which entity it is: PolicyRefusal")
+    assert "E3 refuses sharing mode 'raw': its policy (node config allow-share" in refused and "only dpm" in refused
 
 
 def test_unknown_sharing_mode_fails_naming_the_valid_ones(results):
@@ -387,27 +443,71 @@ def test_unknown_sharing_mode_fails_naming_the_valid_ones(results):
         run_in_process(results, "bad-mode", {}, ("collab.share=bogus",))
 
 
+def _flwr_json(*args: str, env: dict) -> dict:
+    proc = subprocess.run(["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        return json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError as err:
+        raise AssertionError(f"flwr {' '.join(args)}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}") from err
+
+
 @pytest.fixture
-def deployment(tmp_path) -> SimpleNamespace:
-    """``flower-superlink --insecure`` and four ``flower-supernode``s on 127.0.0.1, and how to reach them."""
+def deployment(tmp_path, results) -> SimpleNamespace:
+    """A SuperLink over TLS with SuperNode authentication and four registered SuperNodes on 127.0.0.1, plus
+    three that must be refused: a registered one that is not on the roster and claims E2 (the ServerApp
+    refuses it), one with an unregistered key and one speaking plain text (the SuperLink refuses both).
+
+    The certificates and keys come from ``python -m sim.certs`` (a fresh CA per test). Every entity's
+    policy (node config) puts its private store in the module's results root.
+    """
+    certs = tmp_path / "certs"
+    assert certs_main([str(certs), "--nodes", "6"]) == 0  # E5 is registered but not on the roster, E6 never
     link = free_port()
-    (tmp_path / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
-                                          f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    (tmp_path / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n\n[superlink.plain]\naddress = "127.0.0.1:{link}"\n'
+        f'insecure = true\n')
     env = {**os.environ, **OFFLINE, "FLWR_HOME": str(tmp_path)}
     procs = []
-    with open(tmp_path / "processes.log", "w") as logs:
-        try:
-            procs.append(subprocess.Popen(["flower-superlink", "--insecure", "--port", str(link)], env=env,
-                                          stdout=logs, stderr=subprocess.STDOUT))
-            time.sleep(3)
-            for k in range(4):
-                procs.append(subprocess.Popen(
-                    ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
-                     "--node-config", f"partition-id={k} num-partitions=4"],
-                    env=env, stdout=logs, stderr=subprocess.STDOUT))
-            yield SimpleNamespace(connection="deploy", env=env)
-        finally:
-            stop([p.pid for p in procs])
+    logs = {}
+
+    def start(name: str, cmd: list[str]) -> subprocess.Popen:
+        logs[name] = tmp_path / f"{name}.log"
+        with open(logs[name], "w") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    def supernode(k: int, *options: str) -> list[str]:
+        return ["flower-supernode", *options, "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+                "--node-config", f'partition-id={k} num-partitions=4 private-store="{results}" attack-epochs=5']
+
+    try:
+        start("superlink", ["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",
+                            str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+                            "--enable-supernode-auth", "--port", str(link)])
+        deadline = time.monotonic() + 60
+        while not (ls := _flwr_json("supernode", "list", "deploy", env=env)).get("success"):
+            assert time.monotonic() < deadline, f"the SuperLink did not come up: {ls}"
+            time.sleep(1)
+        ids = {f"E{k}": _flwr_json("supernode", "register", str(certs / f"E{k}.pub"), "deploy", env=env)["node-id"]
+               for k in range(1, 6)}
+        tls = ("--root-certificates", str(certs / "ca.crt"))
+        for k in range(5):  # E5 plays partition-id 1: it claims to be E2
+            start(f"E{k + 1}", supernode(k if k < 4 else 1, *tls, "--auth-supernode-private-key",
+                                         str(certs / f"E{k + 1}.key")))
+        give_up = ("--max-retries", "3", "--max-wait-time", "20")  # the intruders stop trying after a while
+        intruder = start("unregistered", supernode(1, *tls, "--auth-supernode-private-key", str(certs / "E6.key"),
+                                                   *give_up))
+        plain = start("plain-text", supernode(2, "--insecure", *give_up))
+        deadline = time.monotonic() + 90  # all five registered nodes online, so the ServerApp asks every one
+        while sum(n["status"] == "online" for n in _flwr_json("supernode", "list", "deploy", env=env)["nodes"]) < 5:
+            assert time.monotonic() < deadline, {name: log.read_text()[-500:] for name, log in logs.items()}
+            time.sleep(1)
+        roster = {name: ids[name] for name in ("E1", "E2", "E3", "E4")}
+        yield SimpleNamespace(connection="deploy", env=env, logs=logs, roster=roster, impostor=ids["E5"],
+                              intruders=(intruder, plain))
+    finally:
+        stop([p.pid for p in procs])
     # A process whose main thread has exited shows as a zombie in /proc while its other threads
     # (gRPC) still wind down, so reap each with a bounded wait, not a single poll: one still
     # running after it fails the test with TimeoutExpired.
@@ -415,16 +515,68 @@ def deployment(tmp_path) -> SimpleNamespace:
         p.wait(timeout=30)
 
 
-def test_deployment_engine_with_four_supernodes(sim_run, results, deployment):
-    ok = subprocess.run(sim_run_cmd(results, "deploy", "--superlink", deployment.connection), env=deployment.env,
-                        capture_output=True, text=True, timeout=900)
+def test_deployment_over_tls_with_authenticated_supernodes(sim_run, results, deployment):
+    roster = " ".join(f"{name}={node}" for name, node in deployment.roster.items())
+    ok = subprocess.run(sim_run_cmd(results, "deploy", "--superlink", deployment.connection, "--roster", roster),
+                        env=deployment.env, capture_output=True, text=True, timeout=900)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     out = results / "flower" / "deploy"
     df = pd.read_csv(out / "summary.csv")
     assert set(df["status"]) == {"ok"} and df["top1_refined"].notna().all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["nodes"] == deployment.roster  # each entity is its authenticated node, whatever the others claim
+    assert run["refused"] == [f"node {deployment.impostor}: claims to be E2 but the roster lists it as no entity "
+                              "(not an authenticated member)"]
     assert sorted(p.stem for p in (out / "artefacts" / "pools").glob("*.pt")) == ["E1", "E2", "E3", "E4"]
-    # A run that fails (no such pretraining entity) makes the command exit non-zero.
-    bad = subprocess.run(sim_run_cmd(results, "bad", "--superlink", deployment.connection,
-                                     settings=("backbone.pretrain_on=E9",)),
+    # The unregistered key and the plain-text SuperNode never joined: the SuperLink knows the five registered.
+    nodes = _flwr_json("supernode", "list", "deploy", env=deployment.env)["nodes"]
+    assert sorted(int(n["node-id"]) for n in nodes) == sorted([*deployment.roster.values(), deployment.impostor])
+    for intruder in deployment.intruders:
+        intruder.wait(timeout=120)
+        assert intruder.returncode != 0
+    assert "fail" in deployment.logs["unregistered"].read_text().lower()
+    # A plain-text `flwr` client is refused by the TLS SuperLink.
+    plain = subprocess.run(["flwr", "list", "plain", "--format", "json"], env=deployment.env, capture_output=True,
+                           text=True, timeout=120)
+    assert '"success": false' in plain.stdout.replace("'", '"') or plain.returncode != 0, plain.stdout
+    # A run that fails in the ServerApp (its roster names no such entity) makes the command exit 1.
+    bad = subprocess.run(sim_run_cmd(results, "bad", "--superlink", deployment.connection, "--roster", "E9=1"),
                          env=deployment.env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "finished:failed" in bad.stderr, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "roster names ['E9']" in json.loads((results / "flower" / "bad.failed" / "run.json").read_text())["error"]
+
+
+KILLED_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_flower import run_in_process
+run_in_process(Path(sys.argv[1]), "killed", {1: "hang"} if sys.argv[3] == "hang" else {})
+"""
+
+
+def test_sigkill_during_a_flower_run_loses_nothing_and_the_rerun_completes(sim_run, results):
+    """SIGKILL the ServerApp's process mid-run (E2 never answers step 2): the previous results of that run
+    name stay as they were, the results root is free again, and a rerun completes and replaces them."""
+    previous = results / "flower" / "killed"
+    shutil.copytree(sim_run.out, previous)  # the last completed results under this run name
+    before = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+    (results / "hanging").unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", KILLED_RUN, str(results), str(Path(__file__).parent)]
+    proc = subprocess.Popen([*cmd, "hang"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (results / "hanging").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == before
+    done = subprocess.run([*cmd, "go"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((previous / "run.json").read_text())
+    assert run["status"] == "completed" and run["run_id"] == 7 and not run["failures"]
+    assert sorted(p.stem for p in (previous / "artefacts" / "pools").glob("*.pt")) == ["E1", "E2", "E3", "E4"]
+    assert not list((results / "flower").glob(".killed.*"))  # no staging or set-aside folder left
