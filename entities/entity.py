@@ -66,14 +66,15 @@ class Entity:
             self.features = extract_features(shared.phi1, self.images)
         return Pool(self.features, self.labels)
 
-    def dpm_path(self, cfg: Config, shared: SharedModules, seed: int) -> Path:
+    def dpm_path(self, cfg: Config, shared: SharedModules, seed: int, after: str = "") -> Path:
         """Keyed by everything the DPM depends on: its settings and seed, and the φ1, φ2 and ψ it was
-        trained against (as received), so no run is served a DPM trained for another."""
+        trained against (as received), so no run is served a DPM trained for another. ``after`` names
+        a perturbation the DPM was trained behind (Table 3's second X+DPM reading)."""
         d = cfg.to_dict()
         key = artefact_key({"dpm": d["dpm"], "reconstructor": d["reconstructor"], "seed": seed,
                             "shared": module_digest(shared.phi1, shared.phi2, shared.psi),
-                            **key_part(cfg.device, cfg.precision)})
-        return self.store.private(self.name, f"dpm-{key}.pt")
+                            **key_part(cfg.device, cfg.precision), **({"after": after} if after else {})})
+        return self.store.private(self.name, f"dpm-after-{after}-{key}.pt" if after else f"dpm-{key}.pt")
 
     def train_dpm(self, shared: SharedModules, cfg: Config, seed: int) -> DeepPoisoningModule:
         """Step 2 on its own shard; the DPM is saved only under this entity's private store (0600)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from entities.config import Config
 from entities.data import TaskSplit
 from entities.dpm import DeepPoisoningModule
 from entities.entity import Entity
+from entities.files import load_torch, save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
 from entities.pipeline import ArtefactStore, SharedModules, cached_features, load_task, shared_reconstructor, step1
 from entities.reconstructors import RECONSTRUCTORS
@@ -181,15 +181,13 @@ def perturbed_dpm(run: Run, name: str) -> nn.Module:
     train_feats = run.entity.featurize(run.shared).features
     torch.manual_seed(cfg.data.seed)
     dpm = DeepPoisoningModule(train_feats.shape[1], cfg.dpm.blocks, cfg.dpm.init)
-    path = run.store.private("S", f"dpm-after-{name}-{cfg.digest('dpm', 'reconstructor')}.pt")
+    path = run.entity.dpm_path(cfg, run.shared, cfg.data.seed, after=name)
     if path.is_file():
-        dpm.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        dpm.load_state_dict(load_torch(path, f"the DPM trained after {name}"))
     else:
         train_dpm(dpm, copy.deepcopy(run.shared.phi2), run.shared.psi, infer(pert, train_feats), S.train_images,
                   S.train_labels, cfg.dpm, seed=cfg.data.seed, what=f"DPM after {name}")
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a kill leaves no half-written DPM
-        torch.save(dpm.state_dict(), tmp)
-        tmp.replace(path)
+        save_torch(dpm.state_dict(), path, private=True)
     return nn.Sequential(pert, dpm.eval())
 
 
