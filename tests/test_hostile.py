@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from entities import data
 from entities.config import load_config, parse_overrides
-from entities.data import DataError, load_dataset
+from entities.data import DataError, find_archive, load_dataset
 from entities.entity import Pool
 from entities.files import (
     ArtefactError,
@@ -40,6 +40,7 @@ from entities.files import (
 from entities.policy import EntityPolicy, PolicyRefusal, load_policy
 from entities.pools import PoolError, validate_images, validate_pool
 from sim import server_app
+from sim.client_app import local as client_local
 from sim.server_app import parse_roster
 from strategies.pool_exchange import CollaborationError, PoolExchange
 
@@ -220,6 +221,27 @@ def test_policy_file_and_node_config_node_config_wins(tmp_path):
 def test_bad_policy_is_refused_naming_the_key(node_config, message):
     with pytest.raises(ValueError, match=message):
         load_policy(node_config)
+
+
+def test_data_root_and_private_store_come_from_the_policy_not_the_run_config(tmp_path):
+    """The run config names a results root and a data root; the entity reads and writes where its own
+    policy says (and a policy's data root without the archive is an error naming it, not a fall-back)."""
+    submitter, store, empty = tmp_path / "submitter", tmp_path / "e2-store", tmp_path / "e2-data"
+    empty.mkdir()
+    run_config = {"preset": "collab-test", "overrides": f"data.dataset=cifar10 data.data_root={submitter}",
+                  "results-root": str(submitter)}
+    context = Context(run_id=8, node_id=5, node_config={"partition-id": 1, "num-partitions": 4, "private-store":
+                      str(store), "data-root": str(empty)}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(DataError, match=rf"cifar10-jpeg\.tar\.gz not found \(searched: {re.escape(str(empty))}\)"):
+        client_local(context)
+    context.node_config.pop("data-root")
+    try:
+        find_archive("cifar10")
+    except DataError:
+        pytest.skip("no CIFAR-10 archive in the default roots of this machine")
+    here = client_local(context)  # the run config's data root (which does not exist) is not used
+    assert here.entity.name == "E2" and here.entity.store.root.is_relative_to(store)
+    assert not submitter.exists()
 
 
 def test_policy_file_with_an_unknown_key_names_the_file(tmp_path):
