@@ -19,12 +19,16 @@ from entities.attacks import ATTACKS
 from entities.attacks.base import CLEAN, RAW, check_attack_mode
 from entities.attacks.card import CellStore, card_table, cell_key, find_worst, worst_cases
 from entities.attacks.scoring import gallery_rows, gallery_ssim, score
-from entities.attacks.suite import run_suite
+from entities.attacks.suite import entity_seed, run_suite
 from entities.config import load_config
 from entities.data import DataError, find_archive
+from entities.entity import Entity, Pool
 from entities.metrics import ssim_per_image
-from entities.pipeline import load_task
+from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
+from entities.pools import save_pool
 from entities.reconstructors import RECONSTRUCTORS
+from entities.report import write_json
+from entities.sharing import DPM, contribute
 from entities.train import to_float
 
 try:
@@ -169,3 +173,29 @@ def test_flower_summary_and_sharing_table_label_psi_and_show_the_worst_case(repo
     sent = {"E1": {"bytes_per_image": 3072, "disclosure_ssim": 0.1, "label_ssim": 0.1}}
     md = sharing_table({"dpm": table, "raw": table}, {"dpm": sent, "raw": sent}, 2, root / "sharing", worst).read_text()
     assert "ψ only" in md and "worst attack SSIM" in md and "image on E1" in md
+
+
+def test_from_flower_attacks_the_pools_a_flower_run_stored(root):
+    """The victims' DPM pools as a Flower run stores them are what is attacked, under keys of their own. The
+    stored E4 pool is E4's DPM pool; the stored E1 pool holds clean φ1 features, which must then score as such."""
+    cfg = cfg_of(root)
+    split = load_task(cfg)
+    store = ArtefactStore(cfg)
+    shared = step1(cfg, split, store)
+    shards = entity_shards(cfg, split)
+    flower = root / "flower" / "run"
+    for name in ("E1", "E4"):
+        entity = Entity(name, split.S.train_images[shards[name]], split.S.train_labels[shards[name]], store)
+        sent = contribute(entity, shared, cfg, entity_seed(cfg, name), DPM)
+        pool = Pool(entity.features, sent.labels) if name == "E1" else Pool(sent.data, sent.labels)
+        save_pool(pool, flower / "artefacts" / "pools" / f"{name}.pt", {"store_key": store.key})
+    write_json({"share": DPM}, flower / "config.json")
+    own = attack.main(["--attacks", "psi", "--share", DPM, "--run", "own-pools", *settings(root)])
+    theirs = attack.main(["--attacks", "psi", "--share", DPM, "--from-flower", str(flower), "--run", "flower-pools",
+                          *settings(root)])
+    clean, own, theirs = (c[c["mode"] == m].set_index("victim")["disclosure"]
+                          for c, m in ((own, CLEAN), (own, DPM), (theirs, DPM)))
+    assert theirs["E4"] == pytest.approx(own["E4"]) and theirs["E1"] == pytest.approx(clean["E1"]) != own["E1"]
+    write_json({"share": "mdp"}, flower / "config.json")
+    with pytest.raises(ValueError, match="takes DPM pools"):
+        attack.main(["--from-flower", str(flower), *settings(root)])
