@@ -20,6 +20,7 @@ import torch
 from entities import runtime
 from entities.attacks.base import attack_mode_name
 from entities.config import Config
+from entities.files import save_torch, write_json
 
 FORMAT = 1  # raise when the way a cell is computed changes, so older cells are recomputed
 NOT_APPLICABLE = "n/a"
@@ -74,15 +75,12 @@ class CellStore:
         return torch.load(path, weights_only=True) if path.is_file() else None
 
     def put(self, key: str, record: dict, thumbnails: dict[str, torch.Tensor] | None = None) -> dict:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Thumbnails first, then the record: a kill between the two leaves a cell to recompute, never
+        a record without its pictures; each file is written whole (entities.files)."""
         if thumbnails is not None:
-            tmp = self.dir / f"{key}.pt.tmp"
-            torch.save(thumbnails, tmp)
-            tmp.replace(self.dir / f"{key}.pt")
+            save_torch(thumbnails, self.dir / f"{key}.pt", private=True)
         record = {**record, "key": key}
-        tmp = self.dir / f"{key}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(self.dir / f"{key}.json")
+        write_json(record, self.dir / f"{key}.json")
         return record
 
 
