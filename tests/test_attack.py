@@ -37,7 +37,7 @@ try:
 except DataError:
     DATA = ["data.dataset=digits"]
 
-LEARNED = ("psi", "reconstructors", "decoder", "transfer", "dpm-agnostic", "substitute")
+LEARNED = ("psi", "reconstructors", "decoder", "transfer", "dpm-agnostic", "substitute", "optimize")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def report(root):
 
 
 def test_registry_holds_every_family_and_rejects_unknown_names(root):
-    assert list(ATTACKS) == ["image", "psi", "reconstructors", "decoder", "transfer", "dpm-agnostic", "substitute"]
+    assert list(ATTACKS) == ["image", "psi", "reconstructors", "decoder", "transfer", "dpm-agnostic", "substitute",
+                             "optimize"]
     cfg = cfg_of(root)
     for name, family in ATTACKS.items():
         assert family.name == name and family.summary and family.attackers(cfg)
@@ -199,3 +200,19 @@ def test_from_flower_attacks_the_pools_a_flower_run_stored(root):
     write_json({"share": "mdp"}, flower / "config.json")
     with pytest.raises(ValueError, match="takes DPM pools"):
         attack.main(["--from-flower", str(flower), *settings(root)])
+
+
+def test_optimize_fits_the_features_better_than_its_start():
+    """The white-box search must move its start toward images whose features match the shared ones."""
+    from entities.attacks.optimize import invert
+
+    torch.manual_seed(0)
+    phi1 = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2)).eval()
+    truth = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        features = phi1(truth)
+    start = torch.rand(6, 3, 16, 16)
+    found = invert(phi1, features, start)
+    assert found.shape == truth.shape and 0 <= found.min() and found.max() <= 1
+    with torch.no_grad():
+        assert (phi1(found) - features).pow(2).mean() < 0.5 * (phi1(start) - features).pow(2).mean()

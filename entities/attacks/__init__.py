@@ -6,7 +6,7 @@ and one line below. Report rows follow this order; attacker 0 of the image modes
 
 from __future__ import annotations
 
-from entities.attacks import decoder, dpm_agnostic, image, psi, reconstructors, substitute, transfer
+from entities.attacks import decoder, dpm_agnostic, image, optimize, psi, reconstructors, substitute, transfer
 from entities.attacks.base import Family
 
 ATTACKS: dict[str, Family] = {
@@ -17,4 +17,5 @@ ATTACKS: dict[str, Family] = {
     transfer.FAMILY.name: transfer.FAMILY,
     dpm_agnostic.FAMILY.name: dpm_agnostic.FAMILY,
     substitute.FAMILY.name: substitute.FAMILY,
+    optimize.FAMILY.name: optimize.FAMILY,
 }

@@ -1,0 +1,76 @@
+"""``optimize``: white-box inversion by optimisation, warm-started from the strongest learned decoder.
+
+He, Zhang and Lee (ACSAC 2019, "Model inversion attacks against collaborative inference") invert
+split features by regularised maximum likelihood: search for the image x whose features match the
+shared ones, with a total-variation prior. The collaborator holds φ1 and, in the DPM modes, the map G
+it fitted to the victim's pool (:mod:`entities.attacks.substitute`), so it searches for x in [0, 1]
+whose G(φ1(x)) (φ1(x) where the recipe has no private part) matches each shared item, starting from
+the substitute (or transfer) decoder's reconstruction. A decoder generalises from pairs; this fits
+every pool item on its own, so it can sharpen what the decoder smoothed away, and it tests whether
+the substitute is close enough to the victim's DPM to invert through.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from entities import runtime
+from entities.attacks.base import Family, Knowledge, Target, recipe, uses_dpm
+from entities.attacks.substitute import pool_digest, substitute_decoder, substitute_map
+from entities.attacks.transfer import transfer_decoder
+from entities.config import Config
+from entities.train import freeze, infer
+
+STEPS = 60  # Adam steps per batch of pool items
+LR = 0.05  # on the images' logits
+TV_WEIGHT = 0.05  # total-variation prior, against the feature error normalised by the features' power
+BATCH = 100
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels: the prior that keeps the search on images."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def invert(model: nn.Module, features: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Images whose ``model`` output matches ``features``, searched from ``start`` (images in [0, 1])."""
+    rt = runtime.current()
+    rt.module(model)
+    freeze(model)
+    out = []
+    for i in range(0, len(features), BATCH):
+        target = rt.tensor(features[i:i + BATCH]).float()
+        power = target.pow(2).mean().clamp_min(1e-8)
+        z = torch.logit(rt.tensor(start[i:i + BATCH]).float().clamp(1e-3, 1 - 1e-3)).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=LR)
+        for _ in range(STEPS):
+            x = torch.sigmoid(z)  # stays in [0, 1] without clipping the gradient
+            with rt.autocast():
+                pred = model(x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x).float()
+            loss = (pred - target).pow(2).mean() / power + TV_WEIGHT * total_variation(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out.append(torch.sigmoid(z).detach().float().cpu().contiguous())
+    return torch.cat(out)
+
+
+def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor:
+    shown = target.features[target.rows]
+    if uses_dpm(target.mode):
+        g = substitute_map(know, target, f"{target.victim}-{target.mode}-{pool_digest(target)}")
+        start = infer(substitute_decoder(know, target), shown)
+        model = nn.Sequential(know.shared.phi1, recipe(target.mode, g, know.seed))
+    else:
+        start = infer(transfer_decoder(know, target.mode), shown)
+        model = know.shared.phi1
+    return invert(model, shown, start)
+
+
+def _attackers(cfg: Config) -> list[str]:
+    return ["optimize"]
+
+
+FAMILY = Family("optimize", "white-box inversion by optimisation through φ1 and the substitute map (He et al. 2019), "
+                "from the substitute decoder's reconstruction", _attackers, _reconstruct)
