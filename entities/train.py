@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from entities import runtime
 from entities.config import DPMConfig, ReconstructorConfig, TrainConfig
 from entities.dpm import dpm_loss
+from entities.files import save_torch
 from entities.metrics import reconstruction_scores, topk_correct
 
 log = logging.getLogger("poisonpool")
@@ -132,9 +133,7 @@ def fit(
             state = {"module": checkpoint[0].state_dict(), "optimizer": opt.state_dict(),
                      "schedule": sched.state_dict(), "rng": rng.bit_generator.state,
                      "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch}
-            tmp = checkpoint[1].with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(checkpoint[1])
+            save_torch(state, checkpoint[1])  # whole or absent: a kill mid-write leaves the last epoch's
     return history
 
 
