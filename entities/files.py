@@ -129,7 +129,8 @@ def module_digest(*modules: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def artefact_key(inputs: dict[str, Any]) -> str:
+def artefact_key(inputs: dict[str, Any], length: int = 10) -> str:
     """The one key function: a short hash of every input that shaped an artefact (settings, seed,
-    module digests, format versions). Callers pass everything; nothing is added or dropped here."""
-    return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    module digests, format versions). Callers pass everything; nothing is added or dropped here.
+    ``length`` hex digits: the attack suite's cells use 12, the length they were first stored under."""
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:length]

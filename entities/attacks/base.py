@@ -26,6 +26,7 @@ from torch import nn
 
 from entities.config import Config
 from entities.entity import Entity
+from entities.files import save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
 from entities.pipeline import SharedModules
 from entities.sharing import AUGMDP, DPM, MDP, RAW, mode_name
@@ -151,9 +152,7 @@ class Knowledge:
             model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         else:
             train(model)
-            tmp = path.with_suffix(".tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(path)
+            save_torch(model.state_dict(), path, private=True)
             log.info("attacker %s: trained %s", self.own.name, tag)
         model.eval()
         self.memo[tag] = model

@@ -10,7 +10,6 @@ left out of the key, since they change no cell.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,14 +19,14 @@ import torch
 from entities import runtime
 from entities.attacks.base import attack_mode_name
 from entities.config import Config
-from entities.files import save_torch, write_json
+from entities.files import artefact_key, save_torch, write_json
 
 FORMAT = 1  # raise when the way a cell is computed changes, so older cells are recomputed
 NOT_APPLICABLE = "n/a"
 
 
 def _hash(settings: dict) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return artefact_key(settings, length=12)
 
 
 def _data(cfg: Config) -> dict:
