@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import Array, Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import OfflineGrid
 
 from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
@@ -220,7 +220,7 @@ def test_message_audit_shows_no_dpm_and_no_image_crossing(sim_run):
     assert array_digest(split.S.train_images[idx]) not in digests
 
 
-class LocalGrid(Grid):
+class LocalGrid(OfflineGrid):
     """The real ClientApp called in this process, one Context per node, with faults injected.
 
     ``faults`` maps a partition-id to what its entity does wrong in step 2: ``raise`` (the ClientApp
@@ -240,22 +240,6 @@ class LocalGrid(Grid):
         self.faults = {1000 + k: f for k, f in faults.items()}
         self.ids = itertools.count()
         self.payloads: list = []  # the RecordDicts themselves: holding them keeps id() from being recycled
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     def get_node_ids(self):
         return list(self.contexts)

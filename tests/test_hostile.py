@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import OfflineGrid
 
 from entities import data
 from entities.config import load_config, parse_overrides
@@ -309,7 +309,7 @@ def reply(msg: Message, **records) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-class HostileGrid(Grid):
+class HostileGrid(OfflineGrid):
     """Nodes 100.. answer like honest entities E1..E4 unless ``behaviour`` says otherwise.
 
     ``claims`` maps node -> the entity it claims (default: its own); ``behaviour`` maps node -> what it
@@ -323,22 +323,6 @@ class HostileGrid(Grid):
         self.behaviour = behaviour or {}
         self.shard = shard
         self.sent: list[Message] = []
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     def get_node_ids(self):
         return list(self.claims)
@@ -445,7 +429,7 @@ def test_pretrainer_without_published_feature_scale_stops_the_run():
         exchange().start(HostileGrid(behaviour={100: "no-scale"}))
 
 
-def run_server(results: Path, grid: Grid, run_name: str = "hostile", **extra) -> Path:
+def run_server(results: Path, grid: OfflineGrid, run_name: str = "hostile", **extra) -> Path:
     run_config = {"preset": "collab-tiny", "overrides": "threads=1", "results-root": str(results),
                   "run-name": run_name, "timeout": 5, "node-wait": 0, **extra}
     server_app.app(grid, Context(run_id=8, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
