@@ -65,16 +65,26 @@ class ReconstructorConfig:
 
 
 DPM_INITS = ("random", "identity")
+DPM_UTILITIES = ("labels", "distill")
+DPM_BOTTLENECKS = ("none", "spatial", "logits")
 
 
 @dataclass
 class DPMConfig:
     blocks: int = 4
     init: str = "random"  # or "identity": P starts as the identity map (see entities/dpm.py)
-    lam: float = 1.0
+    lam: float = 1.0  # weight of the privacy terms beside the utility term
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    # The objective (entities/defences/, entities/dpm.py). privacy: terms of the registry, summed: "psi" is the
+    # paper's ψ, "decoder" a decoder retrained on the entity's own current pairs, "dcor" distance correlation.
+    # utility: "labels" (cross-entropy, the paper) or "distill" (match φ2's logits on the original features).
+    privacy: list[str] = field(default_factory=lambda: ["psi"])
+    utility: str = "labels"
+    bottleneck: str = "none"  # or "spatial" / "logits": what P's output can carry at most (entities/dpm.py)
+    adversary_steps: int = 1  # "decoder": its optimiser steps per DPM step
+    adversary_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.init not in DPM_INITS:  # before Step 1, not after minutes of pretraining
@@ -172,15 +182,31 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def key_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for artefact keys: settings added after artefacts were first stored are left
+        out while they hold the value that reproduces the earlier behaviour (:data:`KEY_NEUTRAL`), so
+        those stores keep their keys; any other value is in the key."""
+        d = self.to_dict()
+        for section, neutral in KEY_NEUTRAL.items():
+            d[section] = {k: v for k, v in d[section].items() if neutral.get(k, _ABSENT) != v}
+        return d
+
     def digest(self, *sections: str) -> str:
         """A short hash of some sections: the key under which their artefacts are stored."""
-        d = self.to_dict()
+        d = self.key_dict()
         picked = {s: d[s] for s in sections} if sections else d
         picked |= key_part(self.device, self.precision)  # bf16 trains other weights than fp32
         return artefact_key(picked)
 
     def results_dir(self) -> Path:
         return Path(self.results_root) if self.results_root else PROJECT_ROOT / "results"
+
+
+_ABSENT = object()
+# The paper's DPM objective: these values train exactly the DPM that was trained before the settings existed.
+KEY_NEUTRAL: dict[str, dict[str, Any]] = {
+    "dpm": {"privacy": ["psi"], "utility": "labels", "bottleneck": "none", "adversary_steps": 1, "adversary_lr": 1e-3},
+}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -266,10 +292,12 @@ _BY_KEY: dict[str, tuple[str, float]] = {
     "data.alpha": (">", 0), "data.max_task_train": (">=", 0), "data.max_public_train": (">=", 0),
     "data.max_test": (">=", 0), "dpm.blocks": (">=", 1), "mdp.steps": (">=", 0), "mdp.step_size": (">", 0),
     "mdp.p": (">", 0), "mdp.epsilon": (">=", 0), "mdp.rounds": (">=", 1), "mdp.image_size": (">=", 0),
-    "table5.fedavg_rounds": (">=", 1), "collab.max_pool": (">=", 1), "collab.feature_bound": (">", 0),
+    "table5.fedavg_rounds": (">=", 1), "dpm.adversary_steps": (">=", 1), "dpm.adversary_lr": (">", 0),
+    "collab.max_pool": (">=", 1), "collab.feature_bound": (">", 0),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.partition": ("iid", "dirichlet"), "dpm.init": DPM_INITS, "mdp.norm": ("linf", "l2"),
+    "data.partition": ("iid", "dirichlet"), "dpm.init": DPM_INITS, "dpm.utility": DPM_UTILITIES,
+    "dpm.bottleneck": DPM_BOTTLENECKS,    "mdp.norm": ("linf", "l2"),
     "device": DEVICES, "precision": PRECISIONS,
     "backbone.name": tuple(BACKBONES), "reconstructor.name": tuple(RECONSTRUCTORS),
 }
@@ -303,9 +331,13 @@ def validate(cfg: Config) -> Config:
         choices = _CHOICES.get(key)
         if choices and value not in choices:
             raise ValueError(f"setting {key} = {value!r} is not one of: {', '.join(choices)}")
-    from entities.sharing import check_mode  # sharing builds on this module
+    from entities.defences import DEFENCES  # both build on this module
+    from entities.sharing import check_mode
 
     check_mode(cfg.collab.share)
+    unknown = [n for n in cfg.dpm.privacy if n not in DEFENCES]
+    if unknown or len(set(cfg.dpm.privacy)) < len(cfg.dpm.privacy):
+        raise ValueError(f"setting dpm.privacy = {cfg.dpm.privacy}: each term once, from: {', '.join(DEFENCES)}")
     d = cfg.data
     if not d.shard_fractions or any(not 0 < f <= 1 for f in d.shard_fractions) or sum(d.shard_fractions) > 1:
         raise ValueError(f"setting data.shard_fractions = {d.shard_fractions}: each must lie in (0, 1] and "

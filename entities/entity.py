@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from entities.config import Config
-from entities.dpm import DeepPoisoningModule
+from entities.dpm import DeepPoisoningModule, build_dpm
 from entities.files import artefact_key, load_torch, module_digest, save_torch
 from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, SharedModules
@@ -70,7 +70,7 @@ class Entity:
         """Keyed by everything the DPM depends on: its settings and seed, and the φ1, φ2 and ψ it was
         trained against (as received), so no run is served a DPM trained for another. ``after`` names
         a perturbation the DPM was trained behind (Table 3's second X+DPM reading)."""
-        d = cfg.to_dict()
+        d = cfg.key_dict()
         key = artefact_key({"dpm": d["dpm"], "reconstructor": d["reconstructor"], "seed": seed,
                             "shared": module_digest(shared.phi1, shared.phi2, shared.psi),
                             **key_part(cfg.device, cfg.precision), **({"after": after} if after else {})})
@@ -80,7 +80,7 @@ class Entity:
         """Step 2 on its own shard; the DPM is saved only under this entity's private store (0600)."""
         own = self.featurize(shared)
         torch.manual_seed(seed)
-        dpm = DeepPoisoningModule(own.features.shape[1], cfg.dpm.blocks, cfg.dpm.init)
+        dpm = build_dpm(cfg.dpm, tuple(own.features.shape[1:]), shared.phi2)
         path = self.dpm_path(cfg, shared, seed)
         if path.is_file():
             dpm.load_state_dict(load_torch(path, f"{self.name}'s DPM"))

@@ -118,7 +118,7 @@ def raw_epochs(row: Row, cfg: Config) -> int:
 
 def contributions_key(cfg: Config, pool_source: str) -> str:
     """A hash of what the entities' contributions depend on: Step 1, the sharing mode and its settings."""
-    d = cfg.to_dict()
+    d = cfg.key_dict()
     share = cfg.collab.share
     settings = {"format": ROW_FORMAT, "data": d["data"], "backbone": d["backbone"], "pretrain": d["pretrain"],
                 "pools": pool_source, "share": share}
@@ -129,7 +129,7 @@ def contributions_key(cfg: Config, pool_source: str) -> str:
 
 def row_key(row: Row, seed: int, cfg: Config, pool_source: str) -> str:
     """A hash of exactly what the row's figure depends on: other settings may change freely."""
-    d = cfg.to_dict()
+    d = cfg.key_dict()
     settings = {"format": ROW_FORMAT, "row": dataclasses.astuple(row)[:4], "seed": seed, "data": d["data"],
                 "backbone": d["backbone"], "pretrain": d["pretrain"]}
     if row.kind == RAW:

@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from entities.attacks.decoder import build_decoder, train_decoder  # the attack suite's decoder, not a second one
+from entities.attacks.decoder import train_decoder  # the attack suite's decoder, not a second one
 from entities.config import AttackConfig
 from entities.data import PROJECT_ROOT
+from entities.decoders import build_decoder
 from entities.entity import Entity
 from entities.metrics import disclosure, reconstruction_scores
 from entities.sharing import DPM, SHARE_MODES, Contribution

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from entities import runtime
 from entities.config import DPMConfig, ReconstructorConfig, TrainConfig
-from entities.dpm import dpm_loss
+from entities.defences import build_terms
+from entities.dpm import utility_loss
 from entities.files import save_torch
 from entities.metrics import reconstruction_scores, topk_correct
 
@@ -212,18 +213,25 @@ def train_dpm(
     seed: int = 0,
     what: str = "dpm",
 ):
-    """Step 2: P minimises CE(φ2(P(f)), y) + λ·SSIM(ψ(P(f)), x) with φ2 and ψ frozen (Eq. 6)."""
+    """Step 2: P minimises U(φ2(P(f))) + λ·Σ privacy terms, with φ2 and ψ frozen (Eq. 6 by default:
+    U the cross-entropy and the one term ψ's SSIM; ``cfg.utility`` and ``cfg.privacy`` choose others)."""
     rt = runtime.current()
     for m in (dpm, phi2, psi):
         rt.module(m)
     freeze(phi2, psi)
     dpm.train()
+    terms = build_terms(cfg, psi, seed)
+    distill = cfg.utility == "distill"
 
     def step(idx):
-        poisoned = dpm(batch(features[idx]))
-        loss, ce, priv = dpm_loss(phi2(poisoned).float(), labels_of(labels[idx]), psi(poisoned).float(),
-                                  batch(images[idx]), cfg.lam)
-        return loss, {"ce": ce.item(), "ssim_loss": priv.item()}
+        f, x = batch(features[idx]), batch(images[idx])
+        poisoned = dpm(f)
+        with torch.no_grad():
+            original = phi2(f).float() if distill else None
+        util = utility_loss(cfg.utility, phi2(poisoned).float(), labels_of(labels[idx]), original)
+        privacy = [t.loss(poisoned, x) for t in terms]
+        loss = util + cfg.lam * sum(privacy) if privacy else util
+        return loss, {"kl" if distill else "ce": util.item(), **{t.name: p.item() for t, p in zip(terms, privacy)}}
 
     torch.manual_seed(seed)
     history = fit(dpm.parameters(), step, len(features), cfg.epochs, cfg.batch_size, cfg.lr, what, seed=seed)

@@ -29,7 +29,7 @@ from torch import nn
 
 from entities.config import Config
 from entities.data import TaskSplit
-from entities.dpm import DeepPoisoningModule
+from entities.dpm import build_dpm
 from entities.entity import Entity
 from entities.files import load_torch, save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
@@ -180,7 +180,7 @@ def perturbed_dpm(run: Run, name: str) -> nn.Module:
     pert = build_perturbation(name)
     train_feats = run.entity.featurize(run.shared).features
     torch.manual_seed(cfg.data.seed)
-    dpm = DeepPoisoningModule(train_feats.shape[1], cfg.dpm.blocks, cfg.dpm.init)
+    dpm = build_dpm(cfg.dpm, tuple(train_feats.shape[1:]), run.shared.phi2)
     path = run.entity.dpm_path(cfg, run.shared, cfg.data.seed, after=name)
     if path.is_file():
         dpm.load_state_dict(load_torch(path, f"the DPM trained after {name}"))

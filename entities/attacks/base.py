@@ -116,7 +116,9 @@ class Knowledge:
     """Everything the attacking collaborator holds, and the models it has trained so far.
 
     ``key`` digests every setting the attack depends on: a model stored under it is never served to
-    a run with other settings. Trained models go to the attacker's own private store.
+    a run with other settings. ``clean_key`` leaves out what the victims share
+    (:data:`~entities.attacks.card.POOL_SECTIONS`), for models trained on clean public pairs only.
+    Trained models go to the attacker's own private store.
     """
 
     cfg: Config
@@ -125,6 +127,7 @@ class Knowledge:
     public_features: torch.Tensor
     own: Entity
     key: str
+    clean_key: str
     memo: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
@@ -139,15 +142,17 @@ class Knowledge:
     def feature_shape(self) -> tuple[int, int, int]:
         return tuple(self.public_features.shape[1:])
 
-    def model_path(self, tag: str) -> Path:
-        return self.own.store.private(self.own.name, f"attack/{tag}-{self.key}.pt")
+    def model_path(self, tag: str, clean: bool = False) -> Path:
+        return self.own.store.private(self.own.name, f"attack/{tag}-{self.clean_key if clean else self.key}.pt")
 
-    def trained(self, tag: str, build: Callable[[], nn.Module], train: Callable[[nn.Module], object]) -> nn.Module:
-        """The model ``tag`` from this run, from the attacker's store, or built, trained and stored now."""
+    def trained(self, tag: str, build: Callable[[], nn.Module], train: Callable[[nn.Module], object],
+                clean: bool = False) -> nn.Module:
+        """The model ``tag`` from this run, from the attacker's store, or built, trained and stored now;
+        ``clean``: trained on clean public pairs only, so stored under :attr:`clean_key`."""
         if tag in self.memo:
             return self.memo[tag]
         model = build()
-        path = self.model_path(tag)
+        path = self.model_path(tag, clean)
         if path.is_file():
             model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         else:

@@ -34,10 +34,15 @@ def _data(cfg: Config) -> dict:
     return {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("data_root", "allow_download")}
 
 
-def settings_key(cfg: Config) -> str:
-    """Every setting an attack may depend on."""
-    d = cfg.to_dict()
-    picked = {k: v for k, v in d.items() if k not in ("name", "results_root", "threads")}
+# What the victims share and the collaboration's own training: models an attacker trains on clean public
+# pairs alone depend on none of it, so they are keyed without it and one is reused by every defence.
+POOL_SECTIONS = ("dpm", "mdp", "collab", "decider", "table5")
+
+
+def settings_key(cfg: Config, without: tuple[str, ...] = ()) -> str:
+    """Every setting an attack may depend on (less the sections ``without`` names)."""
+    d = cfg.key_dict()
+    picked = {k: v for k, v in d.items() if k not in ("name", "results_root", "threads", *without)}
     picked["data"] = _data(cfg)
     picked["attack"] = {k: v for k, v in d["attack"].items() if k != "victims"}
     return _hash(picked | runtime.key_part(cfg.device, cfg.precision))
@@ -51,7 +56,7 @@ def cell_key(cfg: Config, attacker: str, victim: str, mode: str, pool_source: st
 def defence_key(cfg: Config) -> str:
     """What the shared pools themselves depend on (Step 1, ψ, the DPMs, MDP): the Flower app and the
     Table 5 grid look attack reports up by it, whatever their own decider or grid settings."""
-    d = cfg.to_dict()
+    d = cfg.key_dict()
     picked = {"data": _data(cfg), **{s: d[s] for s in ("backbone", "pretrain", "reconstructor", "dpm", "mdp")}}
     return _hash(picked | runtime.key_part(cfg.device, cfg.precision))
 

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from entities.attacks.base import CLEAN, FEATURE_MODES, Family, Knowledge, Target, recipe
-from entities.attacks.decoder import build_decoder, capped, train_decoder
+from entities.attacks.decoder import capped, train_decoder
 from entities.attacks.transfer import own_pairs
 from entities.config import Config
-from entities.dpm import DeepPoisoningModule
+from entities.decoders import build_decoder
+from entities.dpm import build_dpm
 from entities.train import infer, train_dpm
 
 
@@ -43,8 +44,7 @@ def _extra_dpm(know: Knowledge, k: int, settings) -> nn.Module:
         train_dpm(dpm, copy.deepcopy(know.shared.phi2), know.shared.psi, own.features, own.images, own.labels,
                   settings, seed=seed, what=f"attack dpm-agnostic DPM {k + 1} (λ = {settings.lam}, {settings.init})")
 
-    return know.trained(f"agnostic-dpm{k}", lambda: DeepPoisoningModule(know.feature_shape[0], settings.blocks,
-                                                                        settings.init), train)
+    return know.trained(f"agnostic-dpm{k}", lambda: build_dpm(settings, know.feature_shape, know.shared.phi2), train)
 
 
 def agnostic_decoder(know: Knowledge) -> nn.Module:

@@ -34,7 +34,7 @@ def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor | N
     model = know.trained(
         f"reconstructor-{arch}", lambda: build_reconstructor(arch, know.feature_shape, know.image_shape),
         lambda m: train_reconstructor(m, know.public_features[rows], know.public_images[rows],
-                                      know.cfg.reconstructor, seed=know.seed))
+                                      know.cfg.reconstructor, seed=know.seed), clean=True)
     return infer(model, target.features[target.rows])
 
 

@@ -24,9 +24,10 @@ from torch import nn
 
 from entities import runtime
 from entities.attacks.base import Family, Knowledge, Target, recipe, uses_dpm
-from entities.attacks.decoder import build_decoder, capped, train_decoder
+from entities.attacks.decoder import capped, train_decoder
 from entities.attacks.transfer import own_pairs, transfer_decoder
 from entities.config import Config
+from entities.decoders import build_decoder
 from entities.train import batch, fit, freeze, infer, labels_of
 
 BANDWIDTHS = (0.25, 1.0, 4.0)  # Gaussian kernels at these multiples of the median squared distance

@@ -19,7 +19,7 @@ import torch
 
 from entities.attacks import ATTACKS
 from entities.attacks.base import CLEAN, FEATURE_MODES, Knowledge, Target, check_attack_mode, recipe
-from entities.attacks.card import NOT_APPLICABLE, CellStore, cell_key, settings_key
+from entities.attacks.card import NOT_APPLICABLE, POOL_SECTIONS, CellStore, cell_key, settings_key
 from entities.attacks.scoring import score
 from entities.config import Config
 from entities.entity import Entity, Pool
@@ -121,7 +121,8 @@ def attacker_knowledge(cfg: Config, split, shared: SharedModules, store: Artefac
     own.featurize(shared)
     own.train_dpm(shared, cfg, entity_seed(cfg, name))
     public = cached_features(store, "Q-train", shared.phi1, split.Q.train_images)
-    return Knowledge(cfg, shared, split.Q.train_images, public, own, settings_key(cfg))
+    return Knowledge(cfg, shared, split.Q.train_images, public, own, settings_key(cfg),
+                     settings_key(cfg, without=POOL_SECTIONS))
 
 
 def _thumbnails(recon: torch.Tensor, truth: np.ndarray, candidates: np.ndarray) -> dict[str, torch.Tensor]:

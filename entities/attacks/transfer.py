@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from entities.attacks.base import Family, Knowledge, Target, recipe, recipe_tag
-from entities.attacks.decoder import build_decoder, capped, train_decoder
+from entities.attacks.decoder import capped, train_decoder
 from entities.config import Config
+from entities.decoders import build_decoder
 from entities.train import infer
 
 
