@@ -62,8 +62,8 @@ def report(root):
 
 
 def test_registry_holds_every_family_and_rejects_unknown_names(root):
-    assert list(ATTACKS) == ["image", "psi", "reconstructors", "decoder", "transfer", "dpm-agnostic", "substitute",
-                             "optimize"]
+    assert list(ATTACKS) == ["image", "prior", "psi", "reconstructors", "decoder", "transfer", "dpm-agnostic",
+                             "substitute", "optimize"]
     cfg = cfg_of(root)
     for name, family in ATTACKS.items():
         assert family.name == name and family.summary and family.attackers(cfg)
@@ -91,6 +91,12 @@ def test_every_learned_attacker_inverts_clean_features(report):
     raw = cells[(cells["mode"] == RAW) & (cells["attacker"] == "image")]
     assert np.allclose(raw["disclosure"], 1) and (raw["identification"] == 1).all()
     assert (cells.loc[(cells["mode"] == CLEAN) & (cells["attacker"] == "image"), "status"] == "n/a").all()
+    # the floor: the label's mean image identifies no one, and every learned attacker beats it on clean features
+    prior = cells[(cells["attacker"] == "prior") & (cells["status"] == "ok")].set_index(["victim", "mode"])
+    assert len(prior) == 4 and (prior["identification"] <= 3 * prior["chance"]).all(), prior.to_string()
+    assert (prior["disclosure"] < 0.25).all()
+    for _, cell in ok.iterrows():
+        assert cell["disclosure"] > prior.loc[(cell["victim"], CLEAN), "disclosure"] + 0.05
 
 
 def test_identification_is_certain_for_identical_images_and_chance_for_unrelated_ones(root):

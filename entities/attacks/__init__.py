@@ -6,11 +6,12 @@ and one line below. Report rows follow this order; attacker 0 of the image modes
 
 from __future__ import annotations
 
-from entities.attacks import decoder, dpm_agnostic, image, optimize, psi, reconstructors, substitute, transfer
+from entities.attacks import decoder, dpm_agnostic, image, optimize, prior, psi, reconstructors, substitute, transfer
 from entities.attacks.base import Family
 
 ATTACKS: dict[str, Family] = {
     image.FAMILY.name: image.FAMILY,
+    prior.FAMILY.name: prior.FAMILY,
     psi.FAMILY.name: psi.FAMILY,
     reconstructors.FAMILY.name: reconstructors.FAMILY,
     decoder.FAMILY.name: decoder.FAMILY,
