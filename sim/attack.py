@@ -2,6 +2,7 @@
 
     python -m sim.attack [--config collab] [--from-flower results/flower/<run>] [--attacks psi decoder ...]
                          [--share dpm mdp ...] [--run NAME] [--set attack.images=200 threads=1]
+    python -m sim.attack frontier [--points NAME ...] [...]   (the privacy-utility frontier: sim/frontier.py)
 
 A collaborator (``attack.attacker``, default E2) attacks the pools of ``attack.victims`` (default E1
 and the data-poor E4) with every attacker of :mod:`entities.attacks`, in every sharing mode asked
@@ -163,6 +164,11 @@ def figure(cells: pd.DataFrame, worst: pd.DataFrame, run: SuiteRun, modes: list[
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["frontier"]:
+        from sim import frontier  # the frontier runs this suite for every point; it is its own command
+
+        return frontier.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m sim.attack", description=__doc__.split("\n")[0])
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families to run (default all): {', '.join(ATTACKS)}")
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     store = CellStore(run_dir)
     t0 = time.time()
     run = run_suite(cfg, families, modes, store, pools, source)
-    command = "python -m sim.attack " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m sim.attack " + " ".join(argv)
     cells = write_report(cfg, run, modes, run_dir, store, command.strip(), source)
     log.info("wrote %s in %.0fs", run_dir / "report.md", time.time() - t0)
     print((run_dir / "report.md").read_text())

@@ -1,0 +1,298 @@
+"""The privacy-utility frontier: every sharing mode and defence setting, its worst case over the whole
+attack suite against what it costs the collaboration.
+
+    python -m sim.attack frontier [--config collab] [--points NAME ...] [--run NAME] [--set threads=1 ...]
+
+A point is a sharing mode with the settings of one defence (:data:`POINTS`, data like Table 5's
+rows): the paper's DPM, Table 3's perturbations in front of it, MDP, AugMDP, raw images and clean φ1
+features as references, and the DPM objectives of :mod:`entities.defences` and :mod:`entities.dpm`.
+For each point:
+
+- privacy: every attacker of the suite against the victims' pools in the point's mode, the worst
+  case per victim (disclosure SSIM and identification rate, each with the attacker that reached
+  it), and ψ's figure beside it, which is only a lower bound;
+- utility: Φ's φ2 on the poisoned test features (the shared φ2 reading the pools of E1-E4's DPMs),
+  and Table 5's rows 7 (E1 on E2's pool) and 12 (E4 on E1-E3's pools) on the very pools attacked
+  (each entity's DPM with the Flower app's seed), as gains over rows 1 and 4 (own raw images).
+
+Cells and rows are stored as they finish (the attack suite's cell store, Table 5's row store), so an
+interrupted frontier resumes and the references reuse the cells of ``python -m sim.attack``. Output:
+``results/attack/<run>/frontier.md|csv|png``. A defence's default changes only if it is better on
+this frontier, not on ψ alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from entities import runtime
+from entities.attacks import ATTACKS
+from entities.attacks.base import CLEAN, FEATURE_MODES, PERTURBED, attack_mode_name, recipe, uses_dpm
+from entities.attacks.card import CellStore, worst_cases
+from entities.attacks.suite import check_parties, entity_seed, run_suite
+from entities.config import Config, load_config, parse_overrides
+from entities.entity import Entity, Pool
+from entities.grid import ROWS, RowStore, feature_row, phi_row, raw_row, row_key
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
+from entities.report import markdown_table, write_json
+from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, received_pool
+from entities.train import evaluate_classifier, infer
+from sim.cli import add_config_args, override_item
+
+log = logging.getLogger("poisonpool")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the frontier: the pools of ``mode`` made with ``settings`` over the run's own."""
+
+    name: str
+    mode: str
+    settings: dict[str, str] = field(default_factory=dict)
+    reference: bool = False  # a mode the frontier compares against, not a defence of this issue
+
+
+ADVERSARIAL = {"dpm.privacy": '["psi", "decoder"]', "dpm.lam": "5", "dpm.adversary_steps": "3"}
+POINTS: tuple[Point, ...] = (
+    Point("paper DPM", DPM, reference=True),
+    *(Point(attack_mode_name(m, 2), m, reference=True) for m in PERTURBED),
+    Point("MDP", MDP, reference=True),
+    Point("AugMDP", AUGMDP, reference=True),
+    Point("raw images", RAW, reference=True),
+    Point("clean φ1", CLEAN, reference=True),
+    Point("adversarial decoder", DPM, ADVERSARIAL),
+    Point("distance correlation", DPM, {"dpm.privacy": '["psi", "dcor"]', "dpm.lam": "10"}),
+    Point("distillation", DPM, {"dpm.utility": "distill"}),
+    Point("spatial bottleneck", DPM, {"dpm.bottleneck": "spatial"}),
+    Point("logits bottleneck", DPM, {"dpm.bottleneck": "logits", "dpm.utility": "distill", "dpm.privacy": "[]"}),
+    Point("logits bottleneck + adversarial", DPM,
+          {**ADVERSARIAL, "dpm.bottleneck": "logits", "dpm.utility": "distill"}),
+)
+POINT_NAMES = tuple(p.name for p in POINTS)
+SENDERS = ("E1", "E2", "E3")  # whose pools rows 7 and 12 train on
+ROW_IDS = ("1", "4", "7", "12")
+TARGETS = {"disclosure": 0.10, "identification": 0.05, "top1_drop": 1.0, "E4 gain": 15.0}
+
+
+def point_config(preset: str, overrides: dict[str, str], point: Point) -> Config:
+    """The run's settings with the point's defence settings over them, and its mode as the shared one."""
+    cfg = load_config(preset, {**overrides, **point.settings})
+    share = point.mode if point.mode in (MDP, AUGMDP, RAW) else DPM
+    return replace(cfg, collab=replace(cfg.collab, share=share))
+
+
+def privacy(cfg: Config, point: Point, store: CellStore, families: list[str]) -> dict:
+    """The worst case over the suite per victim, and ψ's figure (a lower bound) beside it."""
+    run = run_suite(cfg, families, [point.mode], store)
+    cells = pd.DataFrame(run.records)
+    worst = worst_cases(cells)
+    out: dict = {}
+    for w in worst.to_dict("records"):
+        v = w["victim"]
+        out |= {f"{v} disclosure": w["disclosure"], f"{v} by": w["attacker"],
+                f"{v} identification": w["identification"], f"{v} identified by": w["identification attacker"]}
+        psi = cells[(cells["victim"] == v) & (cells["attacker"] == "psi") & (cells["status"] == "ok")]
+        out[f"{v} ψ"] = float(psi["disclosure"].iloc[0]) if len(psi) else np.nan
+    return out
+
+
+def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dict[str, Pool], list[float]]:
+    """What E1-E3 send in the point's mode, as a receiver trains on it (the attacked pools: each entity
+    with the Flower app's seed), and the shared φ2's top-1 on test features mapped as E1-E4's pools are."""
+    test = cached_features(art, "S-test", shared.phi1, split.S.test_images)
+    pools, top1 = {}, []
+    for name, idx in shards.items():
+        entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], art)
+        own = entity.featurize(shared)
+        seed = entity_seed(cfg, name)
+        if point.mode in FEATURE_MODES:
+            if uses_dpm(point.mode):
+                entity.train_dpm(shared, cfg, seed)
+            mapping = recipe(point.mode, entity.dpm)
+            top1.append(evaluate_classifier(nn.Sequential(mapping, shared.phi2), test, split.S.test_labels)["top1"])
+            if name in SENDERS:
+                pools[name] = Pool(infer(mapping, own.features), entity.labels)
+        elif name in SENDERS:
+            sent = contribute(entity, shared, cfg, seed, point.mode)
+            pools[name] = received_pool(sent.data, sent.labels, sent.mode, shared.phi1)
+    return pools, top1
+
+
+def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
+    """Poisoned top-1 of the shared φ2 and Table 5's rows 1, 4, 7 and 12 on the point's pools."""
+    split = load_task(cfg)
+    shards = entity_shards(cfg, split)
+    art = ArtefactStore(cfg)
+    shared = step1(cfg, split, art)
+    test = cached_features(art, "S-test", shared.phi1, split.S.test_images)
+    original = evaluate_classifier(shared.phi2, test, split.S.test_labels)["top1"]
+    source = f"frontier:{point.mode}"
+    seed = cfg.data.seed
+    out: dict = {"original top-1": original}
+    todo = [r for r in ROWS if r.id in ROW_IDS]
+    results, pools, top1 = {}, None, []
+    for row in todo:
+        key = row_key(row, seed, cfg, source)
+        stored = rows.get(row, seed, key)
+        if stored is None:
+            if row.id == "1":  # Φ itself is E1's model on its own images
+                result = phi_row(cfg, shared.backbone, split.S.test_images, split.S.test_labels, len(shards["E1"]))
+            elif row.id == "4":
+                result = raw_row(row, seed, cfg, split.S.train_images, split.S.train_labels, shards["E4"],
+                                 split.S.test_images, split.S.test_labels, len(split.S.classes))
+            else:
+                if pools is None:
+                    pools, top1 = pools_of(cfg, point, split, shards, shared, art)
+                own = {n: Entity(n, split.S.train_images[i], split.S.train_labels[i], art).featurize(shared)
+                       for n, i in shards.items()}
+                parts = {f"phi1:{n}": p for n, p in own.items()} | {f"pool:{n}": p for n, p in pools.items()}
+                result = feature_row(row, seed, cfg, shared.backbone, test, split.S.test_labels,
+                                     *(parts[p] for p in row.parts))
+            stored = rows.put(row, seed, key, result)
+        results[row.id] = stored["top1"]
+    if point.mode in FEATURE_MODES:
+        if not top1:
+            _, top1 = pools_of(cfg, point, split, shards, shared, art)
+        out["poisoned top-1"] = float(np.mean(top1))
+    else:  # receivers featurize shared images with φ1: the shared φ2 reads the test set as it is
+        out["poisoned top-1"] = original
+    out |= {f"row {r}": results[r] for r in ROW_IDS}
+    out["E1 gain"] = results["7"] - results["1"]
+    out["E4 gain"] = results["12"] - results["4"]
+    return out
+
+
+def measure(preset: str, overrides: dict[str, str], point: Point, store: CellStore, rows: RowStore,
+            families: list[str]) -> dict:
+    t0 = time.time()
+    cfg = point_config(preset, overrides, point)
+    runtime.configure(cfg)
+    line = {"point": point.name, "mode": point.mode, "reference": point.reference,
+            "settings": " ".join(f"{k}={v}" for k, v in point.settings.items())}
+    line |= privacy(cfg, point, store, families)
+    line |= utility(cfg, point, rows)
+    line["seconds"] = time.time() - t0
+    log.info("frontier point %s: %s (%.0fs)", point.name,
+             ", ".join(f"{k} {v:.3f}" for k, v in line.items() if isinstance(v, float)), line["seconds"])
+    return line
+
+
+def worst_over(table: pd.DataFrame, victims: list[str], what: str) -> pd.Series:
+    return table[[f"{v} {what}" for v in victims]].max(axis=1)
+
+
+def plot(table: pd.DataFrame, victims: list[str], path: Path) -> None:
+    """Worst-case disclosure against E4's gain, worst-case identification against the poisoned top-1."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    panels = ((worst_over(table, victims, "disclosure"), table["E4 gain"], "worst-case disclosure SSIM",
+               "E4's gain, row 12 − row 4 (points)", TARGETS["disclosure"], TARGETS["E4 gain"]),
+              (worst_over(table, victims, "identification") * 100, table["poisoned top-1"],
+               "worst-case identification rate (%)", "shared φ2 on the poisoned test features, top-1 (%)",
+               TARGETS["identification"] * 100, None))
+    for ax, (x, y, xlabel, ylabel, xt, yt) in zip(axes, panels):
+        ref = table["reference"].astype(bool)
+        ax.scatter(x[ref], y[ref], marker="s", c="grey", label="references")
+        ax.scatter(x[~ref], y[~ref], marker="o", c="tab:red", label="defences")
+        for name, xi, yi in zip(table["point"], x, y):
+            ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(xt, color="tab:green", ls="--", lw=1, label="target")
+        if yt is not None:
+            ax.axhline(yt, color="tab:green", ls="--", lw=1)
+        ax.set_xlabel(xlabel + " (→ less private)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def checks(table: pd.DataFrame, victims: list[str]) -> list[str]:
+    """The issue's targets, point by point, for the defences."""
+    lines = []
+    for _, r in table[~table["reference"].astype(bool)].iterrows():
+        d, i = max(r[f"{v} disclosure"] for v in victims), max(r[f"{v} identification"] for v in victims)
+        drop = r["original top-1"] - r["poisoned top-1"]
+        ok = {"disclosure ≤ 0.10": d <= TARGETS["disclosure"], "identification ≤ 5%": i <= TARGETS["identification"],
+              "top-1 within 1 point": drop <= TARGETS["top1_drop"], "E4 gain ≥ +15": r["E4 gain"] >= TARGETS["E4 gain"]}
+        shown = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in ok.items())
+        lines.append(f"- {r['point']}: worst disclosure {d:.3f}, identification {i:.0%}, top-1 drop {drop:+.2f}, "
+                     f"E4 gain {r['E4 gain']:+.1f}: {shown}")
+    return lines
+
+
+def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, command: str, seconds: float) -> None:
+    table.to_csv(run_dir / "frontier.csv", index=False)
+    shown = pd.DataFrame({
+        "point": table["point"],
+        "kind": np.where(table["reference"].astype(bool), "reference", "defence"),
+        **{f"{v} worst": [f"{d:.3f} · {i:.0%} ({a}; {b})" for d, i, a, b in
+                          zip(table[f"{v} disclosure"], table[f"{v} identification"], table[f"{v} by"],
+                              table[f"{v} identified by"])] for v in victims},
+        **{f"{v} ψ only": table[f"{v} ψ"].round(3) for v in victims},
+        "poisoned top-1": table["poisoned top-1"].round(2),
+        "E1 gain (7 − 1)": table["E1 gain"].round(2),
+        "E4 gain (12 − 4)": table["E4 gain"].round(2),
+        "settings": table["settings"].replace("", "–"),
+    })
+    rows = table.iloc[0]
+    notes = (
+        f"Worst case over the attack suite ({', '.join(ATTACKS)}) by collaborator {cfg.attack.attacker}: disclosure "
+        "SSIM · identification rate (chance 1%), with the attacker that reached each. ψ only: the reconstructor the "
+        "paper's DPM trains against, a lower bound on disclosure. Poisoned top-1: the shared φ2 on the test features "
+        f"mapped as E1-E4's pools are (original features: {rows['original top-1']:.2f}; image modes: the receiver "
+        f"featurizes images, so the original). Gains: Table 5's rows on the attacked pools, row 7 (E1) over row 1 "
+        f"({rows['row 1']:.2f}) and row 12 (E4) over row 4 ({rows['row 4']:.2f}). Setting: {cfg.name}, "
+        f"{cfg.data.dataset}, {cfg.backbone.name} at {cfg.backbone.hook}, DPMs of {cfg.dpm.blocks} blocks and "
+        f"{cfg.dpm.epochs} epochs unless the point's settings say otherwise."
+    )
+    figure_line = "![frontier](frontier.png)"
+    text = (f"# Privacy-utility frontier: {cfg.name}\n\n{markdown_table(shown)}\n\n{notes}\n\n{figure_line}\n\n"
+            "Targets (issue 13), per defence:\n\n" + "\n".join(checks(table, victims)) +
+            f"\n\nCommand: `{command}`, {seconds:.0f} s for this invocation.\n")
+    (run_dir / "frontier.md").write_text(text)
+    write_json({"points": table.to_dict("records")}, run_dir / "frontier.json")
+    plot(table, victims, run_dir / "frontier.png")
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m sim.attack frontier", description=__doc__.split("\n")[0])
+    parser.add_argument("--points", nargs="+", default=None, metavar="NAME",
+                        help=f"points to measure (default all): {', '.join(repr(n) for n in POINT_NAMES)}")
+    parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
+                        help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
+    parser.add_argument("--run", default=None, help="name of results/attack/<run>/ (default: the preset's name)")
+    add_config_args(parser)
+    parser.set_defaults(config="collab")
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.points or () if p not in POINT_NAMES]
+    if unknown:
+        parser.error(f"unknown point(s) {unknown}; choose from {', '.join(POINT_NAMES)}")
+    families = list(dict.fromkeys(args.attacks or ATTACKS))
+    if bad := [f for f in families if f not in ATTACKS]:
+        parser.error(f"unknown attack(s) {bad}; choose from {', '.join(ATTACKS)}")
+    overrides = parse_overrides([override_item(s) for s in args.set])
+    if args.data_root:
+        overrides["data.data_root"] = args.data_root
+    base = load_config(args.config, overrides)
+    victims = check_parties(base)
+    run_dir = base.results_dir() / "attack" / (args.run or base.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
+    t0 = time.time()
+    chosen = [p for p in POINTS if args.points is None or p.name in args.points]
+    table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families) for p in chosen])
+    command = "python -m sim.attack frontier " + " ".join(argv if argv is not None else sys.argv[2:])
+    write(table, base, victims, run_dir, command.strip(), time.time() - t0)
+    print((run_dir / "frontier.md").read_text())
+    return table
