@@ -115,7 +115,7 @@ class MDPConfig:
 class CollabConfig:
     """How the entities collaborate (Flower app and Table 5 grid alike)."""
 
-    share: str = "dpm"  # what each entity shares: dpm, mdp, augmdp or raw (see entities/sharing.py)
+    share: str = "dpm"  # what each entity shares: dpm, mdp, augmdp or raw (see entities/sharing/)
     # Hostile pools (entities/pools.py): the most items one pool may hold, beside what its entity declared,
     # and how many times the largest |φ1 feature| the pretrainer published a pool value may reach.
     max_pool: int = 100_000

@@ -27,8 +27,8 @@ from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.files import ArtefactError, artefact_key, write_json
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
-from entities.pools import PoolError, load_pool, validate_pool
-from entities.sharing import AUGMDP, DPM, MDP, contribute, describe, received_pool
+from entities.pools import PoolError, PoolSpec, load_pool
+from entities.sharing import DPM, get_mode
 from entities.train import evaluate_classifier, pretrain, train_decider
 
 RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"
@@ -61,8 +61,7 @@ class Row:
                 return "raw images S" if who == "S" else f"raw images S{k}"
             if what == "phi1":
                 return f"φ1(S{k})"
-            shared = describe(share, who, rounds)
-            return shared if share == DPM else f"φ1({shared})"  # receivers featurize shared images
+            return get_mode(share).received_text(who, rounds)
 
         text = " ∪ ".join(one(p) for p in self.parts)
         return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own φ1 features" if self.kind == FEDAVG else text
@@ -122,8 +121,7 @@ def contributions_key(cfg: Config, pool_source: str) -> str:
     share = cfg.collab.share
     settings = {"format": ROW_FORMAT, "data": d["data"], "backbone": d["backbone"], "pretrain": d["pretrain"],
                 "pools": pool_source, "share": share}
-    settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"]} if share == DPM else {}
-    settings |= {"mdp": d["mdp"]} if share in (MDP, AUGMDP) else {}
+    settings |= get_mode(share).key_settings(d)
     return artefact_key(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
@@ -212,17 +210,17 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
     shared = step1(cfg, split, store)
     test_features = cached_features(store, "S-test", shared.phi1, split.S.test_images)
     own, made, metrics = {}, {}, {}
+    mode = get_mode(cfg.collab.share)
     for name, idx in entity_shards(cfg, split).items():
         entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], store)
         own[name] = entity.featurize(shared)
         if pools is None:
-            sent = contribute(entity, shared, cfg, seed=cfg.data.seed)
-            made[name] = received_pool(sent.data, sent.labels, sent.mode, shared.phi1)
+            sent = mode.contribute(entity, shared, cfg, seed=cfg.data.seed)
+            made[name] = mode.training_pool(sent.pool(), shared.phi1)
             metrics[name] = {"items_shared": len(sent), "bytes_per_image": sent.data[0].numel() * 4 * len(sent)
                              // len(entity.labels), "disclosure_ssim": sent.disclosure,
                              "label_ssim": sent.label_disclosure}
-            if sent.mode == DPM:
-                metrics[name] |= entity.pool_metrics(shared, test_features, split.S.test_labels)
+            metrics[name] |= mode.metrics(entity, shared, test_features, split.S.test_labels)
     return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics)
 
 
@@ -243,6 +241,7 @@ def load_flower_pools(run_dir: Path, cfg: Config, names: list[str], labels: dict
     if not (run_dir / "config.json").is_file():
         raise PoolError(f"{run_dir} is not a Flower results directory (no config.json)")
     key = ArtefactStore(cfg).key
+    dpm = get_mode(DPM)  # a Flower run's stored pools are read for DPM runs only (their features are trained on)
     pools, digest = {}, hashlib.sha1()
     for name in names:
         path = run_dir / "artefacts" / "pools" / f"{name}.pt"
@@ -251,12 +250,12 @@ def load_flower_pools(run_dir: Path, cfg: Config, names: list[str], labels: dict
         if theirs != key:
             raise PoolError(f"{run_dir} was made with other Step 1 settings (store key {theirs}, this config "
                             f"has {key}): its pool {path.name} comes from another φ1; rerun with its config")
-        validate_pool(str(path), pool, shape, num_classes)
+        dpm.validate(str(path), pool, PoolSpec(shape, num_classes))
         if len(pool) != len(labels[name]) or not np.array_equal(pool.labels, labels[name]):
             raise PoolError(f"pool {path}: its {len(pool)} labels do not match shard {name} "
                             f"({len(labels[name])} images) of this config")
         digest.update(path.read_bytes())
-        pools[name] = pool
+        pools[name] = dpm.training_pool(pool, phi1=None)
     return pools, digest.hexdigest()[:10]
 
 

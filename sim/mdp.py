@@ -38,7 +38,7 @@ from entities.pipeline import (
     step1,
 )
 from entities.report import image_grid, write_json, write_table
-from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, mode_name, received_pool
+from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode
 from entities.train import evaluate_classifier, pretrain, to_float
 from sim.cli import add_config_args, config_from_args, run_main
 
@@ -262,11 +262,12 @@ def compare(cfg: Config) -> pd.DataFrame:
     rows = [{"shared by E2..En": "nothing (E1 alone)", "items shared": 0, "E1 top-1 (%)": alone,
              "SSIM(shared, a real image it shows)": np.nan, "SSIM(shared, image of its label)": np.nan}]
     for mode in (RAW, MDP, AUGMDP, DPM):
-        sent = [contribute(e, shared, cfg, seed, mode) for e in senders]
-        pools = [received_pool(c.data, c.labels, mode, shared.phi1) for c in sent]
+        sharing = get_mode(mode)
+        sent = [sharing.contribute(e, shared, cfg, seed) for e in senders]
+        pools = [sharing.training_pool(c.pool(), shared.phi1) for c in sent]
         top1 = receiver.refine(shared, pools, cfg, test_feats, S.test_labels, seed)[1]["top1"]
         n = np.array([len(c) for c in sent])
-        rows.append({"shared by E2..En": mode_name(mode, cfg.mdp.rounds),
+        rows.append({"shared by E2..En": sharing.title(cfg.mdp.rounds),
                      "items shared": int(n.sum()), "E1 top-1 (%)": top1,
                      "SSIM(shared, a real image it shows)": float(np.average([c.disclosure for c in sent], weights=n)),
                      "SSIM(shared, image of its label)": float(np.average([c.label_disclosure for c in sent],

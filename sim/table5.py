@@ -57,11 +57,9 @@ from entities.grid import (
     row_key,
     select_rows,
 )
-from entities.mdp import describe_pgd
 from entities.pipeline import entity_shards, load_task
 from entities.report import write_json, write_table
-from entities.sharing import DPM, SHARE_MODES, check_mode, mode_name
-from entities.sharing import RAW as RAW_IMAGES
+from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
 from sim.cli import add_config_args, config_from_args, run_main, setup_logging
 
 log = logging.getLogger("poisonpool")
@@ -326,13 +324,7 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
     top5 = ", top-5 is 100% by definition" if len(d.task_classes) <= 5 else ""
     sizes = ", ".join(f"E{i + 1} {f:.0%}" for i, f in enumerate(d.shard_fractions))
     partition = f"Dirichlet α = {d.alpha}" if d.partition == "dirichlet" else "iid"
-    if share == DPM:
-        shared = f"poisoned pools of private DPMs ({cfg.dpm.blocks} blocks, λ = {cfg.dpm.lam})"
-    elif share == RAW_IMAGES:
-        shared = "raw images, which the receiver featurizes with φ1 (no privacy: the baseline)"
-    else:
-        shared = (f"{mode_name(share, rounds)} images crafted with Φ ({describe_pgd(cfg.mdp)}), which the "
-                  "receiver featurizes with φ1")
+    shared = get_mode(share).explain(cfg)
     notes = " ".join([
         f"Ours: {d.dataset}, S = classes {d.task_classes} split into {partition} shards {sizes};",
         f"{cfg.backbone.name} pretrained on {cfg.backbone.pretrain_on}'s shard, split at {cfg.backbone.hook};",
@@ -387,7 +379,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
                 for k in ("bytes_per_image", "disclosure_ssim", "label_ssim")}
         line = {"shared": mode_name(mode, rounds), "bytes per image": round(mean["bytes_per_image"]),
                 "SSIM(shared, real image it shows)": mean["disclosure_ssim"],
-                "measured by": "ψ only" if mode == DPM else "the shared image",
+                "measured by": get_mode(mode).disclosure_by,
                 "SSIM(shared, real image of its label)": mean["label_ssim"]}
         if worst:
             top = max((w for w in worst.get(mode, {}).values()), key=lambda w: w["disclosure"], default=None)
@@ -437,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     parser.add_argument("--partition", choices=("iid", "dirichlet"), default=None, help="how S is sharded")
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (small = skewed)")
     parser.add_argument("--share", nargs="+", default=None, metavar="MODE",
-                        help=f"what entities share in rows 7-12, one grid per mode: {', '.join(SHARE_MODES)} "
+                        help=f"what entities share in rows 7-12, one grid per mode: {', '.join(SHARING_MODES)} "
                              "(default: collab.share of the config, i.e. dpm, the paper)")
     parser.add_argument("--run", default=None, help="name of results/table5/<run>/ (default: the preset's name)")
     add_config_args(parser)

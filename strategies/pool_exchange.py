@@ -45,9 +45,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from entities.entity import Pool
-from entities.pools import validate_shared
-from entities.sharing import DPM, check_mode, shares_images
+from entities.pools import PoolSpec, SharedPool
+from entities.sharing import DPM, IMAGES, get_mode
 from strategies.records import pack_pool, unpack_pool
 
 log = logging.getLogger("poisonpool")
@@ -84,7 +83,7 @@ class CollaborationResult:
     entities: dict[str, EntityStatus]
     share: str = DPM  # the sharing mode: what the pools hold
     shared: ArrayRecord = field(default_factory=ArrayRecord)
-    pools: dict[str, Pool] = field(default_factory=dict)
+    pools: dict[str, SharedPool] = field(default_factory=dict)
     pool_bytes: dict[str, int] = field(default_factory=dict)
     feature_shape: tuple[int, ...] = ()
     image_shape: tuple[int, ...] = ()  # from the pretrainer's reply; checked in the image modes only
@@ -132,7 +131,8 @@ class PoolExchange(Strategy):
         unknown = sorted(set((roster or {}).values()) - set(entities))
         if unknown:
             raise ValueError(f"roster names {unknown}, which are not among the entities {entities}")
-        self.share = check_mode(share)
+        self.mode = get_mode(share)
+        self.share = self.mode.name
         self.entities = list(entities)
         self.pretrain_on = pretrain_on
         self.num_classes = num_classes
@@ -168,7 +168,7 @@ class PoolExchange(Strategy):
             if server_round == 2:
                 content["shared"] = arrays
             elif server_round == 3:
-                others = Pool.union([self.result.pools[o] for o in targets if o != name])
+                others = SharedPool.union([self.result.pools[o] for o in targets if o != name])
                 content["pool"] = pack_pool(others, self.share)
             messages.append(Message(content=content, dst_node_id=status[name].node_id,
                                     message_type=STEPS[server_round]))
@@ -195,15 +195,16 @@ class PoolExchange(Strategy):
                     if not 0 < scale < float("inf"):
                         raise ValueError(f"published feature scale {scale} is not a positive finite number")
                     self.result.feature_scale = scale
-                    if shares_images(self.share):
+                    if self.mode.sends == IMAGES:
                         self.result.image_shape = tuple(int(d) for d in info["image-shape"])
                     arrays = self.result.shared = content["shared"]  # only once the whole reply checked out
                 elif server_round == 2:
                     pool = unpack_pool(content["pool"], self.share)
                     declared = int(metrics["num-examples"])
-                    validate_shared(name, pool, self.share, self.result.feature_shape, self.result.image_shape,
-                                    self.num_classes, min(self.items_per_image * declared, self.max_pool),
-                                    self.feature_bound * self.result.feature_scale)
+                    self.mode.validate(name, pool, PoolSpec(
+                        self.result.feature_shape, self.num_classes, self.result.image_shape,
+                        max_items=min(self.items_per_image * declared, self.max_pool),
+                        bound=self.feature_bound * self.result.feature_scale))
                     self.result.pools[name] = pool
                     self.result.pool_bytes[name] = content["pool"].count_bytes()
             except (KeyError, TypeError, ValueError) as err:  # PoolError is a ValueError

@@ -29,9 +29,8 @@ from grids import OfflineGrid
 
 from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
-from entities.entity import Pool
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
-from entities.pools import PoolError, load_pool, validate_pool
+from entities.pools import PoolError, PoolSpec, SharedPool, load_pool, validate_features
 from entities.train import extract_features
 from sim import server_app
 from sim.app_config import config_from_run_config
@@ -167,7 +166,7 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
         assert df.set_index("entity").loc[name, "received_images"] == others
         pool, meta = load_pool(out / "artefacts" / "pools" / f"{name}.pt")
         assert meta["store_key"] == ArtefactStore(cfg).key and meta["config_digest"] == cfg.digest()
-        validate_pool(name, pool, FEATURES, len(cfg.data.task_classes))
+        validate_features(name, pool, PoolSpec(FEATURES, len(cfg.data.task_classes)))
         assert np.array_equal(pool.labels, split.S.train_labels[shards[name]])
     assert "Pool per shared image" in (out / "summary.md").read_text()
 
@@ -214,9 +213,9 @@ def test_message_audit_shows_no_dpm_and_no_image_crossing(sim_run):
     split = load_task(cfg)
     idx = entity_shards(cfg, split)["E2"]
     pool, _ = load_pool(out / "artefacts" / "pools" / "E2.pt")
-    assert array_digest(pool.features.numpy()) in digests
+    assert array_digest(pool.data.numpy()) in digests
     original = extract_features(phi1, split.S.train_images[idx])
-    assert (pool.features - original).abs().mean() > 0.05 * original.abs().mean()
+    assert (pool.data - original).abs().mean() > 0.05 * original.abs().mean()
     assert array_digest(split.S.train_images[idx]) not in digests
 
 
@@ -303,7 +302,7 @@ def test_failed_entities_are_left_out_and_recorded(sim_run, results):
     # A receiver checks what the server sends it, too: a tampered union of 1e30 values is refused.
     features = torch.rand(10, *FEATURES)
     features[3, 0, 0, 0] = 1e30
-    hostile = Message(RecordDict({"pool": pack_pool(Pool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
+    hostile = Message(RecordDict({"pool": pack_pool(SharedPool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
                       dst_node_id=1000, message_type="train.refine")
     hostile.metadata.__dict__["_message_id"] = "hostile"
     with pytest.raises(PoolError, match="pool received: feature values up to 1e\\+30 in magnitude, above the bound"):
@@ -400,8 +399,8 @@ def test_message_audit_in_the_image_sharing_modes(sim_run, image_runs):
                     assert array_digest(tensor.numpy()) not in digests, f"{mode}: {path.parent.name}'s DPM {name}"
         for name, idx in shards.items():
             pool, meta = load_pool(run.out / "artefacts" / "pools" / f"{name}.pt")
-            assert meta["share"] == mode and array_digest(pool.features.numpy()) in digests  # what crossed
-            shown = matching_images(pool.features.numpy(), split.S.train_images[idx])
+            assert meta["share"] == mode and array_digest(pool.data.numpy()) in digests  # what crossed
+            shown = matching_images(pool.data.numpy(), split.S.train_images[idx])
             if mode == "raw":
                 assert np.array_equal(shown, np.arange(len(idx))), f"raw: {name} sent {len(shown)} real images"
             else:

@@ -26,7 +26,6 @@ from grids import OfflineGrid
 from entities import data
 from entities.config import load_config, parse_overrides
 from entities.data import DataError, find_archive, load_dataset
-from entities.entity import Pool
 from entities.files import (
     ArtefactError,
     LockedError,
@@ -38,7 +37,8 @@ from entities.files import (
     write_bytes,
 )
 from entities.policy import EntityPolicy, PolicyRefusal, load_policy
-from entities.pools import PoolError, validate_images, validate_pool
+from entities.pools import PoolError, PoolSpec, SharedPool
+from entities.sharing import get_mode
 from sim import server_app
 from sim.client_app import local as client_local
 from sim.server_app import parse_roster
@@ -149,11 +149,11 @@ def test_decoded_image_cache_is_private(tmp_path, monkeypatch):
 SHAPE, CLASSES = (4, 2, 2), 5
 
 
-def _pool(n=6, value=None, labels=None, dtype=torch.float32, shape=SHAPE) -> Pool:
+def _pool(n=6, value=None, labels=None, dtype=torch.float32, shape=SHAPE) -> SharedPool:
     f = torch.rand(n, *shape).to(dtype)
     if value is not None:
         f[0].view(-1)[0] = value
-    return Pool(f, np.arange(n) % CLASSES if labels is None else labels)
+    return SharedPool(f, np.arange(n) % CLASSES if labels is None else labels)
 
 
 BAD_POOLS = [
@@ -170,7 +170,7 @@ BAD_POOLS = [
     ("empty", _pool(n=0, labels=np.zeros(0, dtype=np.int64)), r"0 feature maps but 0 labels"),
     ("float64", _pool(dtype=torch.float64), r"features are torch\.float64, expected torch\.float32"),
     ("wrong-shape", _pool(shape=(4, 1, 1)), r"features of shape \(4, 1, 1\), expected \(4, 2, 2\)"),
-    ("flat", Pool(torch.rand(6), np.arange(6) % 5), r"features of shape \(\), expected"),
+    ("flat", SharedPool(torch.rand(6), np.arange(6) % 5), r"features of shape \(\), expected"),
     ("oversized", _pool(n=40), r"40 feature maps, more than the 10 allowed"),
 ]
 
@@ -178,17 +178,17 @@ BAD_POOLS = [
 @pytest.mark.parametrize("case,pool,message", BAD_POOLS, ids=[c for c, _, _ in BAD_POOLS])
 def test_hostile_pool_is_rejected_with_a_clear_reason(case, pool, message):
     with pytest.raises(PoolError, match=message):
-        validate_pool("E2", pool, SHAPE, CLASSES, max_items=10, bound=10.0)
+        get_mode("dpm").validate("E2", pool, PoolSpec(SHAPE, CLASSES, max_items=10, bound=10.0))
 
 
 def test_honest_pool_within_the_bounds_passes():
-    validate_pool("E2", _pool(n=10), SHAPE, CLASSES, max_items=10, bound=10.0)
+    get_mode("dpm").validate("E2", _pool(n=10), PoolSpec(SHAPE, CLASSES, max_items=10, bound=10.0))
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, 1e30])
 def test_image_pool_outside_unit_range_is_rejected(value):
     with pytest.raises(PoolError, match=r"pixel values must lie in \[0, 1\]"):
-        validate_images("E3", _pool(value=value, shape=(3, 4, 4)), (3, 4, 4), CLASSES)
+        get_mode("raw").validate("E3", _pool(value=value, shape=(3, 4, 4)), PoolSpec(SHAPE, CLASSES, (3, 4, 4)))
 
 
 # --- the entity's own policy --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from entities.data import DataError, find_archive
 from entities.entity import Pool
 from entities.grid import ROW_IDS, fedavg, prepare
 from entities.pipeline import ArtefactStore, entity_shards, load_task
-from entities.pools import PoolError, save_pool
+from entities.pools import PoolError, SharedPool, save_pool
 from entities.train import train_decider
 
 try:
@@ -133,7 +133,8 @@ def flower_dir(root, name: str, cfg, pools: dict[str, Pool], store_key: str):
     (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"store_key": store_key}))
     for entity, pool in pools.items():
-        save_pool(pool, out / "artefacts" / "pools" / f"{entity}.pt", {"store_key": store_key, "entity": entity})
+        save_pool(SharedPool(pool.features, pool.labels), out / "artefacts" / "pools" / f"{entity}.pt",
+                  {"store_key": store_key, "entity": entity})
     return out
 
 
