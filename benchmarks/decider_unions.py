@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from entities.grid import FEATURES, Row, feature_row, prepare
 from entities.pipeline import load_task
 from entities.report import write_table
 from entities.train import evaluate_classifier
 from sim.cli import add_config_args, config_from_args, setup_logging
+from sim.grid import FEATURES, Row, feature_row, prepare
 
 UNIONS = {
     "φ1(S1) ∪ φ1(S2) (row 6)": ("phi1:E1", "phi1:E2"),

@@ -29,13 +29,13 @@ import numpy as np
 import pandas as pd
 
 from entities.config import Config
-from entities.grid import feature_row, prepare, select_rows
 from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, entity_shards, load_task, shared_reconstructor, step1
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction
 from sim.cli import add_config_args, config_from_args, setup_logging
+from sim.grid import feature_row, prepare, select_rows
 
 SENDERS = ("E1", "E2", "E3")  # the entities whose pools Table 5's rows 7-12 use
 

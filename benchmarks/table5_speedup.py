@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from entities import runtime
 from entities.backbone import build_backbone
 from entities.config import load_config
-from entities.grid import prepare, select_rows
 from entities.report import write_table
 from sim.cli import setup_logging
-from sim.table5 import RayPool, Sequential, run_grid, start_ray
+from sim.executors import RayPool, Sequential, start_ray
+from sim.grid import prepare, select_rows
+from sim.table5 import run_grid
 
 
 def _train_steps(steps: int) -> float:
@@ -53,7 +54,7 @@ def _train_steps(steps: int) -> float:
 
 
 def _warm(steps: int) -> int:
-    import entities.grid  # noqa: F401 - what every row imports
+    import sim.grid  # noqa: F401 - what every row imports
 
     _train_steps(steps)
     return os.getpid()

@@ -33,13 +33,13 @@ from entities.attacks.card import REPORT_INDEX, CellStore, card_table, defence_k
 from entities.attacks.suite import SuiteRun, check_parties, run_suite
 from entities.config import Config
 from entities.entity import Pool
-from entities.grid import feature_shape, load_flower_pools
 from entities.mdp import describe_pgd
 from entities.pipeline import entity_shards, load_task
 from entities.pools import PoolError
 from entities.report import image_grid, markdown_table, write_json
 from entities.sharing import DPM
 from sim.cli import add_config_args, config_from_args, run_main
+from sim.grid import feature_shape, load_flower_pools
 
 log = logging.getLogger("poisonpool")
 

@@ -21,11 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import time
-import warnings
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +32,12 @@ import pandas as pd
 from entities.attacks.card import find_worst
 from entities.config import CollabConfig, Config
 from entities.files import check_run_name, results_lock
-from entities.grid import (
+from entities.pipeline import entity_shards, load_task
+from entities.report import write_json, write_table
+from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
+from sim.cli import add_config_args, config_from_args, run_main
+from sim.executors import RayPool, Sequential, start_ray
+from sim.grid import (
     FEDAVG,
     RAW,
     ROW_IDS,
@@ -57,75 +58,27 @@ from entities.grid import (
     row_key,
     select_rows,
 )
-from entities.pipeline import entity_shards, load_task
-from entities.report import write_json, write_table
-from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
-from sim.cli import add_config_args, config_from_args, run_main, setup_logging
 
 log = logging.getLogger("poisonpool")
 
-PREPARE = "prepare"
+@dataclass(frozen=True)
+class Job:
+    """One submitted task: a row at a seed under its key, or (``row`` None) Step 1 and the contributions."""
+
+    row: Row | None = None
+    seed: int = 0
+    key: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"row {self.row.id}" if self.row else "prepare"
+
+
+PREPARE = Job()
 
 
 class GridError(ValueError):
     """Some rows failed; the message names them. Rows that finished are kept for the next run."""
-
-
-class Sequential:
-    """Runs each submitted call in this process, in submission order, when a result is asked for."""
-
-    def __init__(self, threads: int = 0) -> None:
-        self.threads = threads  # 0: torch's default, i.e. every core for one row at a time
-        self._queue: deque = deque()
-
-    def put(self, obj):
-        return obj
-
-    def submit(self, fn: Callable, *args, **kwargs):
-        handle = object()
-        self._queue.append((handle, fn, args, kwargs))
-        return handle
-
-    def next_done(self, pending) -> tuple[object, object, BaseException | None]:
-        handle, fn, args, kwargs = self._queue.popleft()
-        try:
-            return handle, fn(*args, threads=self.threads, **kwargs), None
-        except Exception as err:  # noqa: BLE001 - reported with its row, other rows go on
-            return handle, None, err
-
-
-def _in_worker(fn: Callable, *args, **kwargs):
-    """A task's body: with logging set up, its progress lines reach the driver's console."""
-    setup_logging()
-    # Arrays from Ray's object store are read-only views; rows only read them, so torch's warning
-    # about sharing non-writable memory would be noise on every worker.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    return fn(*args, **kwargs)
-
-
-class RayPool:
-    """Each call a Ray task reserving ``cpus`` CPUs (and as many torch threads); data via ``ray.put``."""
-
-    def __init__(self, cpus: int = 1) -> None:
-        import ray
-
-        self.ray = ray
-        self.threads = cpus
-        self._task = ray.remote(num_cpus=cpus)(_in_worker)
-
-    def put(self, obj):
-        return self.ray.put(obj)
-
-    def submit(self, fn: Callable, *args, **kwargs):
-        label = f"row {args[0].id}" if args and isinstance(args[0], Row) else fn.__name__  # for the dashboard
-        return self._task.options(name=label).remote(fn, *args, threads=self.threads, **kwargs)
-
-    def next_done(self, pending) -> tuple[object, object, BaseException | None]:
-        done, _ = self.ray.wait(list(pending), num_returns=1)
-        try:
-            return done[0], self.ray.get(done[0]), None
-        except self.ray.exceptions.RayTaskError as err:
-            return done[0], None, getattr(err, "cause", None) or err
 
 
 @dataclass
@@ -162,44 +115,44 @@ def run_grid(cfg: Config, rows: list[Row], seeds: list[int], executor, run_dir: 
     run = GridRun()
     contributions = contributions_key(cfg, pool_source)
     run.pool_metrics = store.get_contributions(contributions) or {}
-    todo = []
+    todo: list[Job] = []
     for row in rows:
         for seed in seeds:
             key = row_key(row, seed, cfg, pool_source)
             stored = store.get(row, seed, key)
             if stored is None:
-                todo.append((row, seed, key))
+                todo.append(Job(row, seed, key))
             else:
                 run.results[(row.id, seed)] = stored
                 run.reused.append((row.id, seed))
     log.info("Table 5: %d row runs to compute, %d already stored in %s", len(todo), len(run.reused), store.dir)
 
-    pending: dict[object, tuple] = {}
-    later = [job for job in todo if job[0].kind != RAW or reuses_phi(job[0], job[1], cfg)]
+    pending: dict[object, Job] = {}
+    later = [job for job in todo if job.row.kind != RAW or reuses_phi(job.row, job.seed, cfg)]
     if later:  # Step 1 first, so it has a core while raw rows fill the others
-        pending[executor.submit(prepare, cfg, pools)] = (PREPARE,)
-    raw = sorted((job for job in todo if job not in later), key=lambda j: -_raw_cost(j[0], cfg, shards))
+        pending[executor.submit(PREPARE.label, prepare, cfg, pools)] = PREPARE
+    raw = sorted((job for job in todo if job not in later), key=lambda j: -_raw_cost(j.row, cfg, shards))
     if raw:
         images, labels = executor.put(split.S.train_images), executor.put(split.S.train_labels)
         test_x, test_y = executor.put(split.S.test_images), executor.put(split.S.test_labels)
-        for row, seed, key in raw:
-            who = row.uses("raw")[0]
-            handle = executor.submit(raw_row, row, seed, cfg, images, labels, None if who == "S" else shards[who],
-                                     test_x, test_y, num_classes)
-            pending[handle] = (row, seed, key)
+        for job in raw:
+            who = job.row.uses("raw")[0]
+            handle = executor.submit(job.label, raw_row, job.row, job.seed, cfg, images, labels,
+                                     None if who == "S" else shards[who], test_x, test_y, num_classes)
+            pending[handle] = job
 
     failures = []
     while pending:
         handle, result, err = executor.next_done(pending)
         job = pending.pop(handle)
-        if job[0] == PREPARE:
+        if job == PREPARE:
             if err is not None:
-                failures += [(f"Step 1 (needed by rows {', '.join(sorted({j[0].id for j in later}))})", err)]
+                failures += [(f"Step 1 (needed by rows {', '.join(sorted({j.row.id for j in later}))})", err)]
                 continue
             run.pool_metrics = store.put_contributions(contributions, result.pool_metrics)
             pending |= _submit_feature_rows(executor, result, later, cfg, split, shards)
             continue
-        row, seed, key = job
+        row, seed, key = job.row, job.seed, job.key
         if err is not None:
             failures.append((f"row {row.id} seed {seed}", err))
             log.error("row %s seed %d failed: %s", row.id, seed, err)
@@ -230,23 +183,26 @@ def _feature_cost(row: Row, cfg: Config, sizes: dict[str, int]) -> float:
     return 0.0 if row.kind == RAW else n * cfg.decider.epochs
 
 
-def _submit_feature_rows(executor, inputs: GridInputs, jobs: list, cfg: Config, split, shards) -> dict:
+def _submit_feature_rows(executor, inputs: GridInputs, jobs: list[Job], cfg: Config, split, shards
+                         ) -> dict[object, Job]:
     """Once Step 1 is done: each pool, feature set and Φ put into the object store once, then the rows."""
     parts = {f"phi1:{n}": p for n, p in inputs.own.items()} | {f"pool:{n}": p for n, p in inputs.pools.items()}
-    needed = {part for row, _, _ in jobs for part in row.parts if part in parts}
+    needed = {part for job in jobs for part in job.row.parts if part in parts}
     refs = {part: executor.put(parts[part]) for part in needed}
     backbone = executor.put(inputs.backbone)
     test_f, test_y = executor.put(inputs.test_features), executor.put(split.S.test_labels)
     sizes = {part: len(data) for part, data in parts.items()}
     pending = {}
-    for row, seed, key in sorted(jobs, key=lambda job: -_feature_cost(job[0], cfg, sizes)):
+    for job in sorted(jobs, key=lambda job: -_feature_cost(job.row, cfg, sizes)):
+        row = job.row
         if row.kind == RAW:  # row 1 at the first seed: Φ itself
-            handle = executor.submit(phi_row, cfg, backbone, executor.put(split.S.test_images), test_y,
+            handle = executor.submit(job.label, phi_row, cfg, backbone, executor.put(split.S.test_images), test_y,
                                      len(shards[row.uses("raw")[0]]))
         else:
             fn = fedavg_row if row.kind == FEDAVG else feature_row
-            handle = executor.submit(fn, row, seed, cfg, backbone, test_f, test_y, *(refs[p] for p in row.parts))
-        pending[handle] = (row, seed, key)
+            handle = executor.submit(job.label, fn, row, job.seed, cfg, backbone, test_f, test_y,
+                                     *(refs[p] for p in row.parts))
+        pending[handle] = job
     return pending
 
 
@@ -400,19 +356,6 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
                        "each mode shares; the rows without shared data do not depend on the mode (" + alone + "). "
                        "SSIM columns: mean over the entities of the sender's own measurement (see pools-<mode>.md); "
                        "for DPM pools that is ψ's reconstruction (ψ only). " + attacked)
-
-
-def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
-    """Join the cluster at ``address`` or start a local instance; returns the dashboard URL ('' if none)."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: silence Ray's notice
-    # Ray nices its workers to 15 to keep a busy driver responsive; here the rows are the work and
-    # the driver only waits, so they run at the priority `--sequential` would have.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
-    return ray.init(address=address, **local).dashboard_url or ""
 
 
 def main(argv: list[str] | None = None) -> dict[str, GridRun]:

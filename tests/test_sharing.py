@@ -11,11 +11,11 @@ import torch
 from entities import sharing
 from entities.config import load_config
 from entities.entity import Pool
-from entities.grid import ROWS
 from entities.policy import load_policy
 from entities.pools import PoolError, PoolSpec, SharedPool
 from entities.sharing import FEATURES, IMAGES, get_mode
 from entities.sharing.base import Contribution, FeatureMode
+from sim.grid import ROWS
 from strategies.pool_exchange import PoolExchange
 from strategies.records import pack_pool, unpack_pool
 

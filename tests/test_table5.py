@@ -28,10 +28,10 @@ from entities.backbone import build_backbone
 from entities.config import load_config
 from entities.data import DataError, find_archive
 from entities.entity import Pool
-from entities.grid import ROW_IDS, fedavg, prepare
 from entities.pipeline import ArtefactStore, entity_shards, load_task
 from entities.pools import PoolError, SharedPool, save_pool
 from entities.train import train_decider
+from sim.grid import ROW_IDS, fedavg, prepare
 
 try:
     find_archive("cifar10")
