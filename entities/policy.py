@@ -31,7 +31,6 @@ import numpy as np
 
 from entities.attacks.decoder import build_decoder, train_decoder  # the attack suite's decoder, not a second one
 from entities.config import AttackConfig
-from entities.data import PROJECT_ROOT
 from entities.entity import Entity
 from entities.metrics import disclosure, reconstruction_scores
 from entities.sharing import DPM, FEATURES, SHARING_MODES, Contribution, get_mode
@@ -51,14 +50,14 @@ class EntityPolicy:
 
     allow: tuple[str, ...] = (DPM,)
     data_root: str = ""  # empty: $POISONPOOL_DATA, then ../shared/data
-    store: str = ""  # empty: $POISONPOOL_STORE, then the project's results/ on this machine
+    store: str = ""  # empty: $POISONPOOL_STORE, then results/ in the SuperNode's working directory
     ceiling: float = 1.0  # the most disclosure SSIM the entity accepts to send (1: measure and report only)
     attack_epochs: int = 20  # the local decoder's training budget
     attack_pairs: int = 2000  # at most this many (pool, image) pairs train it
     source: str = "defaults"
 
     def store_root(self) -> Path:
-        return Path(self.store or os.environ.get("POISONPOOL_STORE") or PROJECT_ROOT / "results")
+        return Path(self.store or os.environ.get("POISONPOOL_STORE") or Path.cwd() / "results")
 
     def check_mode(self, entity: str, mode: str) -> None:
         if mode not in self.allow:

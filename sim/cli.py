@@ -7,7 +7,7 @@ import logging
 import sys
 
 from entities import runtime
-from entities.config import CONFIG_DIR, Config, load_config, parse_overrides
+from entities.config import Config, load_config, parse_overrides, preset_names
 from entities.data import DataError
 from entities.files import ArtefactError, LockedError
 
@@ -21,9 +21,9 @@ def override_item(item: str) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    presets = ", ".join(preset_names())
     parser.add_argument("--config", default="default",
-                        help=f"preset in configs/ or a .toml path (default: %(default)s); presets: {presets}")
+                        help=f"preset in entities/presets/ or a .toml path (default: %(default)s); presets: {presets}")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=override_item,
                         help="override settings, e.g. --set dpm.lam=0.5 pretrain.epochs=3 precision=fp32")
     parser.add_argument("--data-root", default=None, help="folder with the data archives (default: search)")

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__.split("\n")[0])
     add_config_args(parser)
     parser.set_defaults(config="collab")
-    parser.add_argument("--results-root", default="", help="results folder (default: the project's results/)")
+    parser.add_argument("--results-root", default="results", help="results folder (default: %(default)s/ in the "
+                        "current directory)")
     parser.add_argument("--run-name", default="", help="results go to <results>/flower/<run-name> (default: preset)")
     parser.add_argument("--superlink", default=None,
                         help="a SuperLink connection in $FLWR_HOME/config.toml (default: local simulation)")
@@ -114,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-stream", action="store_true", help="do not print the run's logs")
     args = parser.parse_args(argv)
 
-    run_config: dict = {"preset": args.config, "overrides": " ".join(args.set), "timeout": args.timeout}
-    if args.results_root:
-        run_config["results-root"] = str(Path(args.results_root).resolve())
+    run_config: dict = {"preset": args.config, "overrides": " ".join(args.set), "timeout": args.timeout,
+                        "results-root": str(Path(args.results_root).resolve())}
     if args.run_name:
         run_config["run-name"] = args.run_name
     if args.roster:

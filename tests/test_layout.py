@@ -41,3 +41,23 @@ def test_importing_every_library_module_loads_neither_flower_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=LIBRARY.parent, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_preset_ships_as_package_data_and_loads():
+    from entities.config import PRESETS, load_config, preset_names
+
+    names = preset_names()
+    assert {"default", "collab", "tiny", "table5-tiny", "collab-tiny"} <= set(names)
+    assert str(PRESETS).startswith(str(LIBRARY))  # inside the package, so `pip install .` carries them
+    for name in names:
+        assert load_config(name).name == name
+
+
+def test_results_default_to_the_current_directory(tmp_path, monkeypatch):
+    from entities.config import load_config
+    from entities.policy import load_policy
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POISONPOOL_STORE", raising=False)
+    assert load_config("tiny").results_dir() == tmp_path / "results"
+    assert load_policy({}).store_root() == tmp_path / "results"
