@@ -36,6 +36,7 @@ from entities.entity import Pool
 from entities.mdp import describe_pgd
 from entities.pipeline import entity_shards, load_task
 from entities.pools import PoolError
+from entities.provenance import write_provenance
 from entities.report import image_grid, markdown_table, write_json
 from entities.sharing import DPM
 from sim.cli import add_config_args, config_from_args, run_main
@@ -163,6 +164,7 @@ def figure(cells: pd.DataFrame, worst: pd.DataFrame, run: SuiteRun, modes: list[
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    started = time.time()
     parser = argparse.ArgumentParser(prog="python -m sim.attack", description=__doc__.split("\n")[0])
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families to run (default all): {', '.join(ATTACKS)}")
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run = run_suite(cfg, families, modes, store, pools, source)
     command = "python -m sim.attack " + " ".join(argv if argv is not None else sys.argv[1:])
     cells = write_report(cfg, run, modes, run_dir, store, command.strip(), source)
+    write_provenance(run_dir, started)
     log.info("wrote %s in %.0fs", run_dir / "report.md", time.time() - t0)
     print((run_dir / "report.md").read_text())
     return cells

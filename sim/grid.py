@@ -26,7 +26,7 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.files import ArtefactError, artefact_key, write_json
-from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1, step1_curves
 from entities.pools import PoolError, PoolSpec, load_pool
 from entities.sharing import DPM, get_mode
 from entities.train import evaluate_classifier, pretrain, train_decider
@@ -196,6 +196,7 @@ class GridInputs:
     pools: dict[str, Pool]
     test_features: torch.Tensor
     pool_metrics: dict[str, dict[str, float]]
+    curves: dict[str, list[dict[str, float]]]  # training curves of Φ, ψ and what the contributions trained
 
 
 def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0) -> GridInputs:
@@ -210,6 +211,7 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
     shared = step1(cfg, split, store)
     test_features = cached_features(store, "S-test", shared.phi1, split.S.test_images)
     own, made, metrics = {}, {}, {}
+    curves = step1_curves(cfg, store)
     mode = get_mode(cfg.collab.share)
     for name, idx in entity_shards(cfg, split).items():
         entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], store)
@@ -221,7 +223,8 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
                              // len(entity.labels), "disclosure_ssim": sent.disclosure,
                              "label_ssim": sent.label_disclosure}
             metrics[name] |= mode.metrics(entity, shared, test_features, split.S.test_labels)
-    return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics)
+            curves |= mode.curves(entity, shared, cfg, cfg.data.seed)
+    return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics, curves)
 
 
 def feature_shape(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:

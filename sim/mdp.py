@@ -37,6 +37,7 @@ from entities.pipeline import (
     pretrained_backbone,
     step1,
 )
+from entities.provenance import write_provenance
 from entities.report import image_grid, write_json, write_table
 from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode
 from entities.train import evaluate_classifier, pretrain, to_float
@@ -292,6 +293,7 @@ def compare(cfg: Config) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(prog="python -m sim.mdp", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("reproduce", "compare"))
     add_config_args(parser)
@@ -301,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "compare":
         args.config = args.config or "mdp-collab"
-        compare(config_from_args(args))
+        cfg = config_from_args(args)
+        compare(cfg)
+        write_provenance(cfg.results_dir() / "mdp" / cfg.name, started)
         return
     args.config = args.config or "mdp"
     cfg = config_from_args(args)
@@ -309,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.faces_config:
         faces = config_from_args(argparse.Namespace(**{**vars(args), "config": args.faces_config}))
     reproduce(cfg, faces)
+    for each in [cfg] + ([faces] if faces is not None else []):  # every folder the command filled
+        write_provenance(each.results_dir() / "mdp" / each.name, started)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,18 @@ from entities.dpm import DeepPoisoningModule
 from entities.entity import Entity
 from entities.files import load_torch, save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
-from entities.pipeline import ArtefactStore, SharedModules, cached_features, load_task, shared_reconstructor, step1
+from entities.pipeline import (
+    ArtefactStore,
+    SharedModules,
+    cached_features,
+    load_task,
+    shared_reconstructor,
+    step1,
+    step1_curves,
+)
+from entities.provenance import write_provenance
 from entities.reconstructors import RECONSTRUCTORS
-from entities.report import image_grid, write_json, write_table
+from entities.report import image_grid, write_curves, write_json, write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
 from sim.cli import add_config_args, config_from_args, run_main
 
@@ -270,6 +279,9 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
         EXPERIMENTS[name](run)
     figures = {**run.figures, "seconds": time.time() - t0}
     write_json(figures, run.out_dir / "figures.json")
+    write_curves(step1_curves(cfg, run.store) | {"DPM": run.entity.dpm_curve(cfg, run.shared, cfg.data.seed)},
+                 run.out_dir)
+    write_provenance(run.out_dir, t0)
     log.info("done in %.0fs: %s", figures["seconds"],
              ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if k != "seconds"))
     return figures

@@ -30,6 +30,7 @@ from entities.config import Config
 from entities.files import results_lock
 from entities.pipeline import ArtefactStore, entity_names
 from entities.pools import save_pool
+from entities.provenance import write_provenance
 from entities.report import markdown_table, write_json, write_table
 from entities.sharing import get_mode, mode_name
 from sim.app_config import FAILED, config_from_run_config, run_dir, setup_app_logging
@@ -76,6 +77,7 @@ def main(grid: Grid, context: Context) -> None:
             raise
         finally:
             write_results(stage, cfg, context, result, audited, error, time.time() - t0)
+            write_provenance(stage, t0)
             publish(stage, out, failed=bool(error))
 
 

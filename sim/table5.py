@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 
 from entities.attacks.card import find_worst
-from entities.config import CollabConfig, Config
+from entities.config import Config
 from entities.files import check_run_name, results_lock
 from entities.pipeline import entity_shards, load_task
-from entities.report import write_json, write_table
+from entities.provenance import write_provenance
+from entities.report import write_curves, write_json, write_table
 from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
 from sim.cli import add_config_args, config_from_args, run_main
 from sim.executors import RayPool, Sequential, start_ray
@@ -89,6 +90,7 @@ class GridRun:
     computed: list[tuple[str, int]] = field(default_factory=list)
     reused: list[tuple[str, int]] = field(default_factory=list)
     pool_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # when this run made Step 1's inputs
     seconds: float = 0.0
 
 
@@ -150,6 +152,7 @@ def run_grid(cfg: Config, rows: list[Row], seeds: list[int], executor, run_dir: 
                 failures += [(f"Step 1 (needed by rows {', '.join(sorted({j.row.id for j in later}))})", err)]
                 continue
             run.pool_metrics = store.put_contributions(contributions, result.pool_metrics)
+            run.curves = result.curves
             pending |= _submit_feature_rows(executor, result, later, cfg, split, shards)
             continue
         row, seed, key = job.row, job.seed, job.key
@@ -304,6 +307,7 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
                                                                  if suffix else ""), notes)
     if len(table):
         bar_chart(table, run_dir / f"table5{suffix}.png")
+    write_curves(run.curves, run_dir, f"curves{suffix}")
     if run.pool_metrics:
         pools = pd.DataFrame([{"entity": k, **v} for k, v in run.pool_metrics.items()])
         pools[["items_shared", "bytes_per_image"]] = pools[["items_shared", "bytes_per_image"]].round().astype(int)
@@ -359,6 +363,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
 
 
 def main(argv: list[str] | None = None) -> dict[str, GridRun]:
+    started = time.time()
     parser = argparse.ArgumentParser(prog="python -m sim.table5", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="*", default=None, metavar="ID", help=f"rows to run (default all): {ROW_IDS}")
     parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds data.seed, data.seed+1, ...")
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     with results_lock(cfg.results_dir()):  # one run per results root: rows and tables are never written twice
         if args.sequential:
             return run_modes(cfg, modes, rows, seeds, Sequential(cfg.threads), "sequential, in one process", run_dir,
-                             args.from_flower)
+                             args.from_flower, started)
         import ray
 
         url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
@@ -403,18 +408,19 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
             print(f"Ray dashboard: http://{url}", flush=True)
         how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
         try:
-            return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower)
+            return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower,
+                             started)
         finally:
             ray.shutdown()
 
 
 def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], executor, how: str, run_dir: Path,
-              flower_dir: Path | None) -> dict[str, GridRun]:
+              flower_dir: Path | None, started: float) -> dict[str, GridRun]:
     """The grid once per sharing mode (rows that share nothing are stored once and reused), the
-    tables of each, and with several modes the table that compares them."""
+    tables of each, with several modes the table that compares them, and the run's provenance."""
     runs, tables, metrics = {}, {}, {}
     for mode in modes:
-        cfg_mode = dataclasses.replace(cfg, collab=CollabConfig(share=mode))
+        cfg_mode = dataclasses.replace(cfg, collab=dataclasses.replace(cfg.collab, share=mode))
         suffix = f"-{mode}" if len(modes) > 1 else ""
         runs[mode] = run = run_grid(cfg_mode, rows, seeds, executor, run_dir, flower_dir)
         tables[mode] = write_outputs(cfg_mode, rows, seeds, run, run_dir, how, suffix)
@@ -425,6 +431,7 @@ def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], 
     if len(modes) > 1:
         md = sharing_table(tables, metrics, cfg.mdp.rounds, run_dir, find_worst(cfg, cfg.results_dir()))
         print(md.read_text())
+    write_provenance(run_dir, started)
     return runs
 
 

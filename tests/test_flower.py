@@ -145,6 +145,8 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
     assert run["status"] == "completed" and not run["failures"]
     assert [p[0].split(":")[0] for p in run["phases"]] == ["connect", "step 1", "step 2", "step 3"]
     assert all(seconds > 0 for _, seconds in run["phases"])
+    prov = json.loads((out / "provenance.json").read_text())  # written by the ServerApp, in the Flower process
+    assert prov["wall_seconds"] >= sum(seconds for _, seconds in run["phases"]) and prov["packages"]["flwr"]
     df = pd.read_csv(out / "summary.csv")
     assert list(df["entity"]) == entity_names(cfg) and set(df["status"]) == {"ok"}
     assert df[["top1_original", "top1_refined", "top5_refined"]].apply(lambda c: c.between(0, 100)).all().all()

@@ -83,6 +83,10 @@ def test_grid_writes_every_row_beside_the_paper(grid, root):
     pools = pd.read_csv(run_dir / "pools.csv")
     assert list(pools["entity"]) == ["E1", "E2", "E3", "E4"] and pools["ssim_pool"].notna().all()
     assert (pools["disclosure_ssim"] >= pools[["ssim_pool", "ssim_pool_inverted"]].max(axis=1) - 1e-6).all()
+    curves = pd.read_csv(run_dir / "curves.csv")
+    assert {f"DPM {e}" for e in n} < set(curves["model"]) and curves["value"].notna().all()
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert "--sequential" in prov["command"] and prov["wall_seconds"] > 0
 
 
 def test_rerun_reuses_every_finished_row(grid, root):

@@ -96,6 +96,10 @@ class SharingMode:
         """Mode-specific figures a sender reports beside its disclosure (none by default)."""
         return {}
 
+    def curves(self, entity: Entity, shared: SharedModules, cfg: Config, seed: int) -> dict[str, list[dict]]:
+        """Training curves of what the contribution trained, by name (none by default)."""
+        return {}
+
     def validate(self, name: str, pool: SharedPool, spec: PoolSpec) -> None:
         """Refuse a malformed pool with a PoolError naming ``name``."""
         raise NotImplementedError

@@ -38,6 +38,9 @@ class DpmMode(FeatureMode):
         rows = np.arange(len(pool))
         return Contribution(self.name, pool.features, pool.labels, shown, shown, rows, rows)
 
+    def curves(self, entity: Entity, shared: SharedModules, cfg: Config, seed: int) -> dict[str, list[dict]]:
+        return {f"DPM {entity.name}": entity.dpm_curve(cfg, shared, seed)}
+
     def key_settings(self, settings: dict) -> dict:
         return {"reconstructor": settings["reconstructor"], "dpm": settings["dpm"]}
 
