@@ -14,11 +14,17 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from entities import runtime
@@ -306,29 +312,80 @@ def feature_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
     return _finish(evaluate_classifier(phi2, test_features, test_labels), len(data), t0)
 
 
+class _LocalClients(Grid):
+    """An in-process Grid for Flower's FedAvg: node k + 1 is client k, and "sending" a train message
+    runs that client's local training here and returns its reply (no SuperLink, no network).
+    Replies come back in node order, so the weighted sum is taken in the same order every run."""
+
+    def __init__(self, train: Callable[[int, Message], Message], clients: int) -> None:
+        self.train = train
+        self.clients = clients
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.clients + 1))
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        return [self.train(m.metadata.dst_node_id - 1, m) for m in ordered]
+
+    # What FedAvg never calls here: a code path that reaches one learns it at once.
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+@contextmanager
+def _server_task() -> Iterator[None]:
+    """The run identity a ServerApp process has, which Flower's messages are stamped with; restored after."""
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    if saved[0] is None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 0, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 def fedavg(phi2: nn.Module, clients: list[Pool], cfg: Config, seed: int) -> nn.Module:
-    """Flower's FedAvg of φ2: each client refines it on its own features, the server averages.
+    """Flower's FedAvg of φ2 on the Message API: each client refines it on its own features, the server averages.
 
-    Flower's own strategy does the aggregation in-process (no SuperLink): weights by example
-    count, exactly as a ``flwr run`` would, so the row measures FedAvg and not our rewrite of it.
+    Flower's own strategy (``flwr.serverapp.strategy.FedAvg``, its ``start`` loop) runs in-process over
+    :class:`_LocalClients`: weights by example count, exactly as a ``flwr run`` would, so the row
+    measures FedAvg and not our rewrite of it.
     """
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg
-
-    strategy = FedAvg(fit_metrics_aggregation_fn=lambda metrics: {})
     local_cfg = dataclasses.replace(cfg.decider, epochs=cfg.table5.fedavg_local_epochs)
-    state = phi2.state_dict()
-    for rnd in range(1, cfg.table5.fedavg_rounds + 1):
-        results = []
-        for k, pool in enumerate(clients):
-            local = copy.deepcopy(phi2)
-            train_decider(local, pool.features, pool.labels, local_cfg, seed=seed + 1000 * rnd + k,
-                          what=f"fedavg round {rnd} client {k + 1}")
-            arrays = [v.detach().cpu().numpy() for v in local.state_dict().values()]
-            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), len(pool), {})))
-        params, _ = strategy.aggregate_fit(rnd, results, [])
-        averaged = zip(state.items(), parameters_to_ndarrays(params), strict=True)
-        phi2.load_state_dict({k: torch.as_tensor(a).to(v.dtype) for (k, v), a in averaged})
+    dtypes = {k: v.dtype for k, v in phi2.state_dict().items()}
+
+    def train(k: int, msg: Message) -> Message:
+        rnd = int(msg.content["config"]["server-round"])
+        local = copy.deepcopy(phi2)
+        state = msg.content["arrays"].to_torch_state_dict()
+        local.load_state_dict({name: value.to(dtypes[name]) for name, value in state.items()})
+        pool = clients[k]
+        train_decider(local, pool.features, pool.labels, local_cfg, seed=seed + 1000 * rnd + k,
+                      what=f"fedavg round {rnd} client {k + 1}")
+        arrays = ArrayRecord({name: v.detach().cpu().contiguous() for name, v in local.state_dict().items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": len(pool)})}),
+                       reply_to=msg)
+
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(clients), min_available_nodes=len(clients))
+    initial = ArrayRecord({name: v.detach().cpu().contiguous() for name, v in phi2.state_dict().items()})
+    with _server_task():
+        result = strategy.start(_LocalClients(train, len(clients)), initial, num_rounds=cfg.table5.fedavg_rounds)
+    averaged = result.arrays.to_torch_state_dict()
+    phi2.load_state_dict({name: value.to(dtypes[name]) for name, value in averaged.items()})
     return phi2
 
 

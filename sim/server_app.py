@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from entities.attacks.card import find_worst
@@ -71,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
                                     max_pool=cfg.collab.max_pool, feature_bound=cfg.collab.feature_bound,
                                     items_per_image=get_mode(share).items_per_image(cfg))
             result = strategy.result
-            strategy.start(audited, timeout=float(context.run_config.get("timeout", 3600)))
+            strategy.start(audited, ArrayRecord(), timeout=float(context.run_config.get("timeout", 3600)))
         except BaseException as err:  # any failure, not only the strategy's own, marks the run failed
             error = str(err) if isinstance(err, CollaborationError) else f"{type(err).__name__}: {err}"
             raise

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from entities.pools import PoolSpec, SharedPool
@@ -225,23 +225,37 @@ class PoolExchange(Strategy):
 
     # --- driving the rounds ---------------------------------------------------------------------
 
-    def start(self, grid: Grid, timeout: float = 3600.0, train_config: ConfigRecord | None = None
-              ) -> CollaborationResult:
-        """Run the introduction round and the three steps; return what the server collected.
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600.0,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's ``Strategy.start`` for the collaboration: the introduction round, then the three
+        steps as train rounds 1-3. Returns Flower's :class:`Result` (the shared modules as ``arrays``, each
+        step's mean metrics in ``train_metrics_clientapp``); everything else the server collected,
+        failures and refusals included, is in :attr:`result`.
 
-        Raises :class:`CollaborationError` when the pretrainer fails or fewer than
-        ``min_healthy`` entities remain; :attr:`result` still holds everything recorded so far.
+        ``initial_arrays`` must be empty and ``num_rounds`` 3: step 1 makes the weights, and the
+        collaboration has exactly three steps. There is no evaluation round (each entity scores its
+        refined decider in step 3), so ``evaluate_config`` and ``evaluate_fn`` must stay unset.
+        Raises :class:`CollaborationError` when the pretrainer fails or fewer than ``min_healthy``
+        entities remain; :attr:`result` still holds everything recorded so far.
         """
+        if len(initial_arrays) or num_rounds != len(STEPS) or evaluate_config or evaluate_fn:
+            raise ValueError(f"PoolExchange runs its {len(STEPS)} steps from no initial arrays and has no evaluation "
+                             f"round: got {len(initial_arrays)} initial arrays, num_rounds={num_rounds}, "
+                             f"evaluate_config={evaluate_config}, evaluate_fn={evaluate_fn}")
         self.summary()
         config = train_config if train_config is not None else ConfigRecord()
+        out = Result()
         with self._phase("connect: wait for SuperNodes and ask which entity each is"):
             self._introduce(grid, timeout)
         with self._phase(f"step 1: {self.pretrain_on} pretrains Φ and trains ψ"):
-            shared, _ = self._round(grid, 1, ArrayRecord(), config, timeout)
+            shared, metrics = self._round(grid, 1, initial_arrays, config, timeout)
         if shared is None:
             raise CollaborationError(f"step 1 failed: {self.pretrain_on} returned no shared modules "
                                      f"({self.result.entities[self.pretrain_on].failure or 'no reply'})")
         log.info("shared modules: %d arrays, %.2f MB", len(shared), shared.count_bytes() / 1e6)
+        out.arrays = shared
+        out.train_metrics_clientapp[1] = metrics
         share = ("every entity trains its private DPM and shares its poisoned pool" if self.share == DPM
                  else f"every entity shares its pool in sharing mode {self.share}")
         for server_round, what in ((2, share),
@@ -251,7 +265,9 @@ class PoolExchange(Strategy):
             log.info("step %d: healthy %s; mean metrics %s", server_round, self.result.healthy(),
                      {k: round(float(v), 4) for k, v in (metrics or {}).items()})
             self._require_healthy(f"step {server_round}")
-        return self.result
+            if metrics is not None:
+                out.train_metrics_clientapp[server_round] = metrics
+        return out
 
     def _round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
                ) -> tuple[ArrayRecord | None, MetricRecord | None]:

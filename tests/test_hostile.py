@@ -42,7 +42,7 @@ from entities.sharing import get_mode
 from sim import server_app
 from sim.client_app import local as client_local
 from sim.server_app import parse_roster
-from strategies.pool_exchange import CollaborationError, PoolExchange
+from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
 
 # --- settings, checked when read, every error naming its key --------------------------------------
 
@@ -372,15 +372,37 @@ def exchange(**kwargs) -> PoolExchange:
     return PoolExchange(["E1", "E2", "E3", "E4"], "E1", 5, node_wait=0, **kwargs)
 
 
+def collaborate(grid: OfflineGrid, **kwargs) -> CollaborationResult:
+    """Run the strategy as Flower's ``Strategy.start`` would be run; return what the server collected."""
+    strategy = exchange(**kwargs)
+    strategy.start(grid, ArrayRecord())
+    return strategy.result
+
+
+def test_start_has_flowers_strategy_signature_and_returns_its_result():
+    import inspect
+
+    from flwr.serverapp.strategy import Result, Strategy
+
+    ours, theirs = inspect.signature(PoolExchange.start), inspect.signature(Strategy.start)
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()]
+    result = exchange().start(HostileGrid(), ArrayRecord())
+    assert isinstance(result, Result) and set(result.train_metrics_clientapp) == {1, 2, 3}
+    assert any(k.startswith("phi1.") for k in result.arrays)  # the shared modules, what step 1 made
+    assert result.train_metrics_clientapp[3]["top1_refined"] == 50.0
+    with pytest.raises(ValueError, match="num_rounds=5"):
+        exchange().start(HostileGrid(), ArrayRecord(), num_rounds=5)
+
+
 def test_second_node_claiming_an_entity_is_refused_and_the_run_goes_on():
-    strategy = exchange()
-    result = strategy.start(HostileGrid(claims={104: "E2"}, nodes=5))
+    result = collaborate(HostileGrid(claims={104: "E2"}, nodes=5))
     assert result.healthy() == ["E1", "E2", "E3", "E4"] and result.entities["E2"].node_id == 101
     assert result.refused == ["node 104: claims to be E2, already answered for by node 101"]
 
 
 def test_unknown_claim_is_refused_and_recorded():
-    result = exchange().start(HostileGrid(claims={104: "E9"}, nodes=5))
+    result = collaborate(HostileGrid(claims={104: "E9"}, nodes=5))
     assert result.refused == ["node 104: claims to be 'E9', which is not among E1, E2, E3, E4"]
     assert len(result.healthy()) == 4
 
@@ -388,7 +410,7 @@ def test_unknown_claim_is_refused_and_recorded():
 def test_with_a_roster_the_authenticated_node_decides_not_the_claim():
     roster = {100: "E1", 101: "E2", 102: "E3", 103: "E4"}
     # node 102 (E3 by the roster) claims E4 before the real E4 answers; node 104 is not on the roster.
-    result = exchange(roster=roster).start(HostileGrid(claims={102: "E4", 104: "E1"}, nodes=5))
+    result = collaborate(HostileGrid(claims={102: "E4", 104: "E1"}, nodes=5), roster=roster)
     assert result.entities["E4"].node_id == 103 and result.entities["E1"].node_id == 100
     assert "node 102: claims to be E4 but the roster lists it as E3" in result.refused
     assert "node 104: claims to be E1 but the roster lists it as no entity (not an authenticated member)" \
@@ -411,7 +433,7 @@ def test_bad_roster_is_refused(text, message):
     ("refusal", "E3 refuses to send its dpm pool"),
 ])
 def test_hostile_pool_or_refusal_is_recorded_and_the_others_finish(bad, reason):
-    result = exchange().start(HostileGrid(behaviour={102: bad}))
+    result = collaborate(HostileGrid(behaviour={102: bad}))
     assert reason in result.entities["E3"].failure and result.entities["E3"].failure.startswith("step 2:")
     assert result.healthy() == ["E1", "E2", "E4"]
     assert all(s.metrics.get("top1_refined") == 50.0 for s in result.entities.values() if s.healthy)
@@ -420,13 +442,13 @@ def test_hostile_pool_or_refusal_is_recorded_and_the_others_finish(bad, reason):
 def test_pool_above_the_configured_cap_is_rejected_even_if_declared():
     strategy = exchange(max_pool=5)
     with pytest.raises(CollaborationError, match="only 0 healthy entities"):
-        strategy.start(HostileGrid())
+        strategy.start(HostileGrid(), ArrayRecord())
     assert all("6 feature maps, more than the 5 allowed" in s.failure for s in strategy.result.entities.values())
 
 
 def test_pretrainer_without_published_feature_scale_stops_the_run():
     with pytest.raises(CollaborationError, match="step 1 failed: E1 returned no shared modules"):
-        exchange().start(HostileGrid(behaviour={100: "no-scale"}))
+        collaborate(HostileGrid(behaviour={100: "no-scale"}))
 
 
 def run_server(results: Path, grid: OfflineGrid, run_name: str = "hostile", **extra) -> Path:
