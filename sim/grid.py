@@ -312,23 +312,12 @@ def feature_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
     return _finish(evaluate_classifier(phi2, test_features, test_labels), len(data), t0)
 
 
-class _LocalClients(Grid):
-    """An in-process Grid for Flower's FedAvg: node k + 1 is client k, and "sending" a train message
-    runs that client's local training here and returns its reply (no SuperLink, no network).
-    Replies come back in node order, so the weighted sum is taken in the same order every run."""
+class InProcessGrid(Grid):
+    """A Flower Grid whose nodes answer in this process: subclasses implement ``get_node_ids`` and
+    ``send_and_receive``, all a strategy's ``start`` calls. Every other method of Flower's abstract
+    Grid raises, so a code path that reaches one learns it at once (the tests' fault-injecting grids
+    build on it too)."""
 
-    def __init__(self, train: Callable[[int, Message], Message], clients: int) -> None:
-        self.train = train
-        self.clients = clients
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.clients + 1))
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
-        return [self.train(m.metadata.dst_node_id - 1, m) for m in ordered]
-
-    # What FedAvg never calls here: a code path that reaches one learns it at once.
     @property
     def run(self):
         raise NotImplementedError
@@ -344,6 +333,23 @@ class _LocalClients(Grid):
 
     def pull_messages(self, message_ids):
         raise NotImplementedError
+
+
+class _LocalClients(InProcessGrid):
+    """Flower's FedAvg in-process: node k + 1 is client k, and "sending" a train message runs that
+    client's local training here and returns its reply (no SuperLink, no network). Replies come back
+    in node order, so the weighted sum is taken in the same order every run."""
+
+    def __init__(self, train: Callable[[int, Message], Message], clients: int) -> None:
+        self.train = train
+        self.clients = clients
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.clients + 1))
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        return [self.train(m.metadata.dst_node_id - 1, m) for m in ordered]
 
 
 @contextmanager

@@ -14,7 +14,6 @@ artefacts are reused from ``results/artefacts/``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import time
@@ -46,7 +45,7 @@ from entities.provenance import write_provenance
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_curves, write_json, write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
-from sim.cli import add_config_args, config_from_args, run_main
+from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 
 log = logging.getLogger("poisonpool")
 
@@ -270,10 +269,13 @@ EXPERIMENTS: dict[str, Callable[[Run], None]] = {
 DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
 
 
-def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
-    """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts."""
+def reproduce(cfg: Config, experiments: list[str], name: str | None = None) -> dict[str, float]:
+    """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts;
+    results go to ``results/reproduce/<name>/`` (default: the preset's name)."""
     t0 = time.time()
     run = prepare(cfg)
+    if name:
+        run.out_dir = run.out_dir.with_name(name)
     write_json(cfg.to_dict(), run.out_dir / "config.json")
     for name in experiments:
         EXPERIMENTS[name](run)
@@ -288,7 +290,7 @@ def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sim.reproduce", description=__doc__.split("\n")[0])
+    parser = command_parser("python -m sim.reproduce", __doc__)
     parser.add_argument("experiments", nargs="*", default=list(DEFAULT_EXPERIMENTS),
                         help=f"any of {', '.join(EXPERIMENTS)} (default: {' '.join(DEFAULT_EXPERIMENTS)})")
     add_config_args(parser)
@@ -296,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.experiments) - set(EXPERIMENTS)
     if unknown:
         parser.error(f"unknown experiment(s) {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
-    reproduce(config_from_args(args), args.experiments)
+    cfg = config_from_args(args)
+    reproduce(cfg, args.experiments, run_name(args, cfg.name))
 
 
 if __name__ == "__main__":

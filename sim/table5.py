@@ -2,7 +2,7 @@
 
     python -m sim.table5 [--rows 1 7 12 fedavg] [--seeds 3] [--config collab] [--set decider.epochs=10]
                          [--sequential | --address auto] [--from-flower results/flower/<run>]
-                         [--partition dirichlet --alpha 0.3] [--share dpm mdp augmdp raw] [--run NAME]
+                         [--partition dirichlet --alpha 0.3] [--share dpm mdp augmdp raw] [--run-name NAME]
 
 Step 1 (Φ pretrained on E1's shard, ψ on Q) and the four private DPMs are made once by one task and
 stored under ``results/artefacts/<key>/``; φ1 features and pools then reach the decider rows through
@@ -18,7 +18,6 @@ use no contribution are computed once and reused by every mode, and ``sharing.md
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
@@ -31,12 +30,12 @@ import pandas as pd
 
 from entities.attacks.card import find_worst
 from entities.config import Config
-from entities.files import check_run_name, results_lock
+from entities.files import results_lock
 from entities.pipeline import entity_shards, load_task
 from entities.provenance import write_provenance
 from entities.report import write_curves, write_json, write_table
 from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
-from sim.cli import add_config_args, config_from_args, run_main
+from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 from sim.executors import RayPool, Sequential, start_ray
 from sim.grid import (
     FEDAVG,
@@ -273,6 +272,16 @@ def bar_chart(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def row5_pace(table: pd.DataFrame, cfg: Config) -> str:
+    """Row 5's measured pace when this table has it: what its budget cost here, not a remembered figure."""
+    got = table[table["row"] == "5"]
+    if got.empty or not got["seconds"].iloc[0] > 0:
+        return ""
+    seconds = float(got["seconds"].iloc[0])
+    rate = got["train size"].iloc[0] * cfg.table5.all_epochs / seconds
+    return f" ({seconds:.0f} s when it was computed, {rate:,.0f} training images/s with its evaluation)"
+
+
 def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, run_dir: Path, how: str,
                   suffix: str = "") -> pd.DataFrame:
     """table5{suffix}.md/.csv/.png and the contributions' table pools{suffix}; returns the table."""
@@ -291,9 +300,8 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
         f"Accuracy on S's held-out test split, mean over {len(seeds)} seed(s) {seeds}.",
         f"Rows 1-4 train {cfg.backbone.name} from scratch on the entity's raw images with the recipe Φ was",
         f"pretrained with ({cfg.pretrain.epochs} epochs), so row 1 at the first seed is Φ itself (evaluated,",
-        f"not retrained). Row 5 trains on all of S for only {cfg.table5.all_epochs} epochs: raw-image training",
-        "runs at ~265 img/s on a 2-core CPU and this budget is meant to keep the default grid near 30 minutes",
-        "on 2 idle cores, so row 5 is under-trained compared with the paper's.",
+        f"not retrained). Row 5 trains on all of S for only {cfg.table5.all_epochs} epoch(s){row5_pace(table, cfg)},",
+        "a budget that keeps the grid short, so row 5 is under-trained compared with the paper's.",
         f"Rows 6-12 and all4 refine Φ's φ2 for {cfg.decider.epochs} epochs on cached φ1 features; fedavg is",
         f"Flower's FedAvg of φ2 over E1-E4 on their own features ({cfg.table5.fedavg_rounds} rounds x",
         f"{cfg.table5.fedavg_local_epochs} local epochs).",
@@ -364,7 +372,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
 
 def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     started = time.time()
-    parser = argparse.ArgumentParser(prog="python -m sim.table5", description=__doc__.split("\n")[0])
+    parser = command_parser("python -m sim.table5", __doc__)
     parser.add_argument("--rows", nargs="*", default=None, metavar="ID", help=f"rows to run (default all): {ROW_IDS}")
     parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds data.seed, data.seed+1, ...")
     parser.add_argument("--sequential", action="store_true", help="run the grid in this process, without Ray")
@@ -373,13 +381,15 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     parser.add_argument("--cpus-per-row", type=int, default=1, help="CPUs (and torch threads) each Ray task reserves")
     parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray instance without dashboard")
     parser.add_argument("--from-flower", type=Path, default=None, metavar="DIR",
-                        help="take the poisoned pools from this `flwr run sim/` results directory")
-    parser.add_argument("--partition", choices=("iid", "dirichlet"), default=None, help="how S is sharded")
-    parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (small = skewed)")
+                        help="take the poisoned pools from this `flwr run sim/` results directory (default: the "
+                             "entities' own DPMs)")
+    parser.add_argument("--partition", choices=("iid", "dirichlet"), default=None,
+                        help="how S is sharded (default: data.partition)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="Dirichlet concentration, small = skewed (default: data.alpha)")
     parser.add_argument("--share", nargs="+", default=None, metavar="MODE",
                         help=f"what entities share in rows 7-12, one grid per mode: {', '.join(SHARING_MODES)} "
                              "(default: collab.share of the config, i.e. dpm, the paper)")
-    parser.add_argument("--run", default=None, help="name of results/table5/<run>/ (default: the preset's name)")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -393,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     if args.from_flower is not None and not args.from_flower.is_dir():
         raise ValueError(f"--from-flower {args.from_flower}: no such directory")
     seeds = [cfg.data.seed + i for i in range(args.seeds)]
-    name = args.run or cfg.name + (f"-dirichlet{cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else "")
-    run_dir = cfg.results_dir() / "table5" / check_run_name(name)
+    name = cfg.name + (f"-dirichlet{cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else "")
+    run_dir = cfg.results_dir() / "table5" / run_name(args, name)
 
     modes = [check_mode(m) for m in dict.fromkeys(args.share or [cfg.collab.share])]
     with results_lock(cfg.results_dir()):  # one run per results root: rows and tables are never written twice

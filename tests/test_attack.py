@@ -191,9 +191,9 @@ def test_from_flower_attacks_the_pools_a_flower_run_stored(root):
         pool = SharedPool(entity.features, sent.labels) if name == "E1" else sent.pool()
         save_pool(pool, flower / "artefacts" / "pools" / f"{name}.pt", {"store_key": store.key})
     write_json({"share": DPM}, flower / "config.json")
-    own = attack.main(["--attacks", "psi", "--share", DPM, "--run", "own-pools", *settings(root)])
-    theirs = attack.main(["--attacks", "psi", "--share", DPM, "--from-flower", str(flower), "--run", "flower-pools",
-                          *settings(root)])
+    own = attack.main(["--attacks", "psi", "--share", DPM, "--run-name", "own-pools", *settings(root)])
+    theirs = attack.main(["--attacks", "psi", "--share", DPM, "--from-flower", str(flower),
+                          "--run-name", "flower-pools", *settings(root)])
     clean, own, theirs = (c[c["mode"] == m].set_index("victim")["disclosure"]
                           for c, m in ((own, CLEAN), (own, DPM), (theirs, DPM)))
     assert theirs["E4"] == pytest.approx(own["E4"]) and theirs["E1"] == pytest.approx(clean["E1"]) != own["E1"]

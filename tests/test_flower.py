@@ -21,11 +21,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grids import OfflineGrid
 
 from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
@@ -37,6 +37,7 @@ from sim.app_config import config_from_run_config
 from sim.audit import array_digest, matching_images
 from sim.certs import main as certs_main
 from sim.client_app import app as client_app
+from sim.grid import InProcessGrid
 from strategies.pool_exchange import CollaborationError
 from strategies.records import SHARED_PARTS, pack_pool
 
@@ -63,50 +64,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process, read from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-            table[int(entry.name)] = (ppid, cmd)
-    return table
-
-
-def with_descendants(pids: list[int]) -> list[int]:
-    table = _proc_table()
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.append(pid)
-            todo += [p for p, (ppid, _) in table.items() if ppid == pid]
-    return out
+def superlinks_on(port: int) -> list[int]:
+    """The managed ``flower-superlink`` processes listening on ``port`` (the one a test started)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "flower-superlink" in cmd and f"--port {port}" in cmd:
+            found.append(proc.pid)
+    return found
 
 
 def stop(pids: list[int], grace: float = 15.0) -> None:
     """SIGTERM the given processes and everything they spawned; SIGKILL what is left after ``grace``."""
-    pids = with_descendants(pids)
+    procs = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid)
+            procs += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        for proc in procs:
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
                 pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+        while time.monotonic() < deadline and any(_alive(p) for p in procs):
             time.sleep(0.2)
 
 
-def _zombie(pid: int) -> bool:
+def _alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie has exited; only its parent's wait is missing)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def sim_run_cmd(results: Path, run_name: str, *extra: str, settings: tuple[str, ...] = ()) -> list[str]:
@@ -131,8 +124,7 @@ def sim_run(results, tmp_path_factory) -> SimpleNamespace:
         proc = subprocess.run(sim_run_cmd(results, "sim"), env=env, cwd=home, capture_output=True, text=True,
                               timeout=900)
     finally:
-        table = _proc_table()
-        stop([pid for pid, (_, cmd) in table.items() if "flower-superlink" in cmd and f"--port {port}" in cmd])
+        stop(superlinks_on(port))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = config_from_run_config({"preset": PRESET, "overrides": " ".join(SETTINGS),
                                   "results-root": str(results)})
@@ -221,7 +213,7 @@ def test_message_audit_shows_no_dpm_and_no_image_crossing(sim_run):
     assert array_digest(split.S.train_images[idx]) not in digests
 
 
-class LocalGrid(OfflineGrid):
+class LocalGrid(InProcessGrid):
     """The real ClientApp called in this process, one Context per node, with faults injected.
 
     ``faults`` maps a partition-id to what its entity does wrong in step 2: ``raise`` (the ClientApp
@@ -493,7 +485,7 @@ def deployment(tmp_path, results) -> SimpleNamespace:
                               intruders=(intruder, plain))
     finally:
         stop([p.pid for p in procs])
-    # A process whose main thread has exited shows as a zombie in /proc while its other threads
+    # A process whose main thread has exited shows as a zombie while its other threads
     # (gRPC) still wind down, so reap each with a bounded wait, not a single poll: one still
     # running after it fails the test with TimeoutExpired.
     for p in procs:

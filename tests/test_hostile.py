@@ -21,7 +21,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grids import OfflineGrid
 
 from entities import data
 from entities.config import load_config, parse_overrides
@@ -41,6 +40,7 @@ from entities.pools import PoolError, PoolSpec, SharedPool
 from entities.sharing import get_mode
 from sim import server_app
 from sim.client_app import local as client_local
+from sim.grid import InProcessGrid
 from sim.server_app import parse_roster
 from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
 
@@ -309,7 +309,7 @@ def reply(msg: Message, **records) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-class HostileGrid(OfflineGrid):
+class HostileGrid(InProcessGrid):
     """Nodes 100.. answer like honest entities E1..E4 unless ``behaviour`` says otherwise.
 
     ``claims`` maps node -> the entity it claims (default: its own); ``behaviour`` maps node -> what it
@@ -372,7 +372,7 @@ def exchange(**kwargs) -> PoolExchange:
     return PoolExchange(["E1", "E2", "E3", "E4"], "E1", 5, node_wait=0, **kwargs)
 
 
-def collaborate(grid: OfflineGrid, **kwargs) -> CollaborationResult:
+def collaborate(grid: InProcessGrid, **kwargs) -> CollaborationResult:
     """Run the strategy as Flower's ``Strategy.start`` would be run; return what the server collected."""
     strategy = exchange(**kwargs)
     strategy.start(grid, ArrayRecord())
@@ -451,7 +451,7 @@ def test_pretrainer_without_published_feature_scale_stops_the_run():
         collaborate(HostileGrid(behaviour={100: "no-scale"}))
 
 
-def run_server(results: Path, grid: OfflineGrid, run_name: str = "hostile", **extra) -> Path:
+def run_server(results: Path, grid: InProcessGrid, run_name: str = "hostile", **extra) -> Path:
     run_config = {"preset": "collab-tiny", "overrides": "threads=1", "results-root": str(results),
                   "run-name": run_name, "timeout": 5, "node-wait": 0, **extra}
     server_app.app(grid, Context(run_id=8, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
@@ -544,6 +544,7 @@ print(entity.dpm_path(cfg, shared, 0))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_dpm_save_loses_nothing_and_the_rerun_completes(tmp_path):
     script = tmp_path / "train_dpm.py"
     script.write_text(TRAIN_DPM)
