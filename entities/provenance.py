@@ -63,8 +63,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def command_line(prog: str, argv: list[str] | None) -> list[str]:
+    """``prog`` and the arguments a command's ``main(argv)`` parsed (``sys.argv`` when called as a command)."""
+    return [prog, *(sys.argv[1:] if argv is None else argv)]
+
+
 def collect(started: float, argv: list[str] | None = None) -> dict[str, object]:
-    """Everything :data:`FILENAME` records; ``started`` is the command's ``time.time()`` at its start."""
+    """Everything :data:`FILENAME` records; ``started`` is the command's ``time.time()`` at its start,
+    ``argv`` its command line (default ``sys.argv``)."""
     rt = runtime.current()
     return {
         "git": git_state(),

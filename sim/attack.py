@@ -35,7 +35,7 @@ from entities.entity import Pool
 from entities.mdp import describe_pgd
 from entities.pipeline import entity_shards, load_task
 from entities.pools import PoolError
-from entities.provenance import write_provenance
+from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, markdown_table, write_json
 from entities.sharing import DPM
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run = run_suite(cfg, families, modes, store, pools, source)
     command = "python -m sim.attack " + " ".join(argv if argv is not None else sys.argv[1:])
     cells = write_report(cfg, run, modes, run_dir, store, command.strip(), source)
-    write_provenance(run_dir, started)
+    write_provenance(run_dir, started, command_line("python -m sim.attack", argv))
     log.info("wrote %s in %.0fs", run_dir / "report.md", time.time() - t0)
     print((run_dir / "report.md").read_text())
     return cells

@@ -37,7 +37,7 @@ from entities.pipeline import (
     pretrained_backbone,
     step1,
 )
-from entities.provenance import write_provenance
+from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, write_json, write_table
 from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode
 from entities.train import evaluate_classifier, pretrain, to_float
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         args.config = args.config or "mdp-collab"
         cfg = config_from_args(args)
         compare(cfg)
-        write_provenance(cfg.results_dir() / "mdp" / cfg.name, started)
+        write_provenance(cfg.results_dir() / "mdp" / cfg.name, started, command_line("python -m sim.mdp", argv))
         return
     args.config = args.config or "mdp"
     cfg = config_from_args(args)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         faces = config_from_args(argparse.Namespace(**{**vars(args), "config": args.faces_config}))
     reproduce(cfg, faces)
     for each in [cfg] + ([faces] if faces is not None else []):  # every folder the command filled
-        write_provenance(each.results_dir() / "mdp" / each.name, started)
+        write_provenance(each.results_dir() / "mdp" / each.name, started, command_line("python -m sim.mdp", argv))
 
 
 if __name__ == "__main__":

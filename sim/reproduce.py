@@ -41,7 +41,7 @@ from entities.pipeline import (
     step1,
     step1_curves,
 )
-from entities.provenance import write_provenance
+from entities.provenance import command_line, write_provenance
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_curves, write_json, write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
@@ -269,9 +269,11 @@ EXPERIMENTS: dict[str, Callable[[Run], None]] = {
 DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
 
 
-def reproduce(cfg: Config, experiments: list[str], name: str | None = None) -> dict[str, float]:
+def reproduce(cfg: Config, experiments: list[str], name: str | None = None, argv: list[str] | None = None
+              ) -> dict[str, float]:
     """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts;
-    results go to ``results/reproduce/<name>/`` (default: the preset's name)."""
+    results go to ``results/reproduce/<name>/`` (default: the preset's name), ``argv`` (the command
+    line) to its provenance."""
     t0 = time.time()
     run = prepare(cfg)
     if name:
@@ -283,7 +285,7 @@ def reproduce(cfg: Config, experiments: list[str], name: str | None = None) -> d
     write_json(figures, run.out_dir / "figures.json")
     write_curves(step1_curves(cfg, run.store) | {"DPM": run.entity.dpm_curve(cfg, run.shared, cfg.data.seed)},
                  run.out_dir)
-    write_provenance(run.out_dir, t0)
+    write_provenance(run.out_dir, t0, command_line("python -m sim.reproduce", argv))
     log.info("done in %.0fs: %s", figures["seconds"],
              ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if k != "seconds"))
     return figures
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown experiment(s) {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     cfg = config_from_args(args)
-    reproduce(cfg, args.experiments, run_name(args, cfg.name))
+    reproduce(cfg, args.experiments, run_name(args, cfg.name), argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from entities.attacks.card import find_worst
 from entities.config import Config
 from entities.files import results_lock
 from entities.pipeline import entity_shards, load_task
-from entities.provenance import write_provenance
+from entities.provenance import command_line, write_provenance
 from entities.report import write_curves, write_json, write_table
 from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
@@ -60,6 +60,7 @@ from sim.grid import (
 )
 
 log = logging.getLogger("poisonpool")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -371,7 +372,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
 
 
 def main(argv: list[str] | None = None) -> dict[str, GridRun]:
-    started = time.time()
+    started, command = time.time(), command_line("python -m sim.table5", argv)
     parser = command_parser("python -m sim.table5", __doc__)
     parser.add_argument("--rows", nargs="*", default=None, metavar="ID", help=f"rows to run (default all): {ROW_IDS}")
     parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds data.seed, data.seed+1, ...")
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     with results_lock(cfg.results_dir()):  # one run per results root: rows and tables are never written twice
         if args.sequential:
             return run_modes(cfg, modes, rows, seeds, Sequential(cfg.threads), "sequential, in one process", run_dir,
-                             args.from_flower, started)
+                             args.from_flower, (started, command))
         import ray
 
         url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
@@ -419,15 +420,16 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
         how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
         try:
             return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower,
-                             started)
+                             (started, command))
         finally:
             ray.shutdown()
 
 
 def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], executor, how: str, run_dir: Path,
-              flower_dir: Path | None, started: float) -> dict[str, GridRun]:
+              flower_dir: Path | None, invocation: tuple[float, list[str]]) -> dict[str, GridRun]:
     """The grid once per sharing mode (rows that share nothing are stored once and reused), the
-    tables of each, with several modes the table that compares them, and the run's provenance."""
+    tables of each, with several modes the table that compares them, and the run's provenance
+    (``invocation``: when the command started, and its command line)."""
     runs, tables, metrics = {}, {}, {}
     for mode in modes:
         cfg_mode = dataclasses.replace(cfg, collab=dataclasses.replace(cfg.collab, share=mode))
@@ -441,7 +443,7 @@ def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], 
     if len(modes) > 1:
         md = sharing_table(tables, metrics, cfg.mdp.rounds, run_dir, find_worst(cfg, cfg.results_dir()))
         print(md.read_text())
-    write_provenance(run_dir, started)
+    write_provenance(run_dir, *invocation)
     return runs
 
 
