@@ -1,6 +1,6 @@
 """Why Table 5's row 7 does not beat row 1 at CPU scale: Φ's decider refined on other unions.
 
-    python benchmarks/decider_unions.py [--config collab] [--set results_root=DIR] [--out results/table5/collab]
+    python benchmarks/decider_unions.py [--config collab] [--results-root DIR] [--out results/table5/collab]
 
 Row 1 is Φ itself (E1 pretrained it on S1 with augmentation), and rows 6-12 refine its decider φ2
 on φ1 features with φ1 frozen. This refines φ2 with the grid's own recipe on unions that separate
@@ -35,7 +35,7 @@ UNIONS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
+    add_config_args(parser, run_name=False)  # its report goes to --out
     parser.set_defaults(config="collab")
     parser.add_argument("--lr", type=float, nargs="+", default=[0.05, 0.01], help="decider learning rates")
     parser.add_argument("--out", type=Path, default=Path("results/table5/collab"))

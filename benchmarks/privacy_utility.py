@@ -1,6 +1,6 @@
 """What a DPM's privacy costs the collaboration: Table 5 rows on pools from ever longer-trained DPMs.
 
-    python benchmarks/privacy_utility.py [--config collab] [--set results_root=DIR] [--epochs 0 2 4 8 16]
+    python benchmarks/privacy_utility.py [--config collab] [--results-root DIR] [--epochs 0 2 4 8 16]
                                          [--rows 7 10 12] [--attacker rx2s2] [--out results/table5/collab]
 
 Every entity's DPM starts as the identity map (``dpm.init = identity``), so at 0 epochs its pool is
@@ -82,7 +82,7 @@ def curve(table: pd.DataFrame, path: Path, baseline: float) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
+    add_config_args(parser, run_name=False)  # its report goes to --out
     parser.set_defaults(config="collab")
     parser.add_argument("--epochs", type=int, nargs="+", default=[0, 2, 4, 8, 16], help="DPM epochs, one line each")
     parser.add_argument("--rows", nargs="+", default=["7", "10", "12"], help="Table 5 rows that use the pools")
