@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from entities.pipeline import load_task
+from entities.provenance import write_provenance
 from entities.report import write_table
 from entities.train import evaluate_classifier
 from sim.cli import add_config_args, config_from_args, setup_logging
@@ -34,6 +36,7 @@ UNIONS = {
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser, run_name=False)  # its report goes to --out
     parser.set_defaults(config="collab")
@@ -65,6 +68,7 @@ def main() -> None:
                      "cosine schedule, no augmentation on cached features) from the same start; top-1 on S's "
                      f"test features. Φ's own φ2 on each entity's training features (phi1:Ek, i.e. φ1(Sk)) "
                      f"and poisoned pool (pool:Ek), top-1: {fit}.")
+    write_provenance(args.out, started, name="provenance-decider-unions.json")  # the folder is Table 5's
     print(md.read_text())
 
 

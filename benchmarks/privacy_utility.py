@@ -31,6 +31,7 @@ import pandas as pd
 from entities.config import Config
 from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, entity_shards, load_task, shared_reconstructor, step1
+from entities.provenance import write_provenance
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction
@@ -81,6 +82,7 @@ def curve(table: pd.DataFrame, path: Path, baseline: float) -> Path:
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser, run_name=False)  # its report goes to --out
     parser.set_defaults(config="collab")
@@ -115,6 +117,7 @@ def main() -> None:
              f"is {row1:.1f}. Compare with rows 1-4 of table5.md for the same preset.")
     md = write_table(table, out, "privacy-utility", "Privacy against utility along DPM training", notes)
     curve(table, out / "privacy-utility.png", row1)
+    write_provenance(out, started, name="provenance-privacy-utility.json")  # the folder is Table 5's
     print(md.read_text())
 
 

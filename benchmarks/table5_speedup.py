@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from entities import runtime
 from entities.backbone import build_backbone
 from entities.config import load_config
+from entities.provenance import write_provenance
 from entities.report import write_table
 from sim.cli import setup_logging
 from sim.executors import RayPool, Sequential, start_ray
@@ -80,6 +81,7 @@ def core_scaling(workers: int, steps: int = 30) -> float:
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="table5-bench")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
@@ -122,6 +124,7 @@ def main() -> None:
                      f"add noise. Ceiling: {args.num_cpus} one-thread processes training a ResNet-20 at once "
                      f"do {ceiling:.2f}x the work of one alone on this machine, the most Ray's one-thread rows "
                      "can gain over the one-thread sequential run.")
+    write_provenance(args.out, started)
     print(md.read_text())
 
 

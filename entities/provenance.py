@@ -90,6 +90,8 @@ def collect(started: float, argv: list[str] | None = None) -> dict[str, object]:
     }
 
 
-def write_provenance(out_dir: Path, started: float, argv: list[str] | None = None) -> Path:
-    """``out_dir/provenance.json``, written whole; a rerun into the same folder replaces it."""
-    return write_json(collect(started, argv), Path(out_dir) / FILENAME)
+def write_provenance(out_dir: Path, started: float, argv: list[str] | None = None, name: str = FILENAME) -> Path:
+    """``out_dir/provenance.json``, written whole; a rerun into the same folder replaces it. A command that
+    adds files to another's folder (a benchmark beside Table 5's tables) names its own, e.g.
+    ``provenance-decider-unions.json``."""
+    return write_json(collect(started, argv), Path(out_dir) / name)
