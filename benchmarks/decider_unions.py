@@ -1,6 +1,6 @@
 """Why Table 5's row 7 does not beat row 1 at CPU scale: Φ's decider refined on other unions.
 
-    python benchmarks/decider_unions.py [--config collab] [--set results_root=DIR] [--out results/table5/collab]
+    python benchmarks/decider_unions.py [--config collab] [--results-root DIR] [--out results/table5/collab]
 
 Row 1 is Φ itself (E1 pretrained it on S1 with augmentation), and rows 6-12 refine its decider φ2
 on φ1 features with φ1 frozen. This refines φ2 with the grid's own recipe on unions that separate
@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from entities.grid import FEATURES, Row, feature_row, prepare
 from entities.pipeline import load_task
+from entities.provenance import write_provenance
 from entities.report import write_table
 from entities.train import evaluate_classifier
 from sim.cli import add_config_args, config_from_args, setup_logging
+from sim.grid import FEATURES, Row, feature_row, prepare
 
 UNIONS = {
     "φ1(S1) ∪ φ1(S2) (row 6)": ("phi1:E1", "phi1:E2"),
@@ -34,8 +36,9 @@ UNIONS = {
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
+    add_config_args(parser, run_name=False)  # its report goes to --out
     parser.set_defaults(config="collab")
     parser.add_argument("--lr", type=float, nargs="+", default=[0.05, 0.01], help="decider learning rates")
     parser.add_argument("--out", type=Path, default=Path("results/table5/collab"))
@@ -65,6 +68,7 @@ def main() -> None:
                      "cosine schedule, no augmentation on cached features) from the same start; top-1 on S's "
                      f"test features. Φ's own φ2 on each entity's training features (phi1:Ek, i.e. φ1(Sk)) "
                      f"and poisoned pool (pool:Ek), top-1: {fit}.")
+    write_provenance(args.out, started, name="provenance-decider-unions.json")  # the folder is Table 5's
     print(md.read_text())
 
 

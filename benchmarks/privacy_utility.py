@@ -1,6 +1,6 @@
 """What a DPM's privacy costs the collaboration: Table 5 rows on pools from ever longer-trained DPMs.
 
-    python benchmarks/privacy_utility.py [--config collab] [--set results_root=DIR] [--epochs 0 2 4 8 16]
+    python benchmarks/privacy_utility.py [--config collab] [--results-root DIR] [--epochs 0 2 4 8 16]
                                          [--rows 7 10 12] [--attacker rx2s2] [--out results/table5/collab]
 
 Every entity's DPM starts as the identity map (``dpm.init = identity``), so at 0 epochs its pool is
@@ -29,13 +29,14 @@ import numpy as np
 import pandas as pd
 
 from entities.config import Config
-from entities.grid import feature_row, prepare, select_rows
 from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, entity_shards, load_task, shared_reconstructor, step1
+from entities.provenance import write_provenance
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction
 from sim.cli import add_config_args, config_from_args, setup_logging
+from sim.grid import feature_row, prepare, select_rows
 
 SENDERS = ("E1", "E2", "E3")  # the entities whose pools Table 5's rows 7-12 use
 
@@ -81,8 +82,9 @@ def curve(table: pd.DataFrame, path: Path, baseline: float) -> Path:
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
+    add_config_args(parser, run_name=False)  # its report goes to --out
     parser.set_defaults(config="collab")
     parser.add_argument("--epochs", type=int, nargs="+", default=[0, 2, 4, 8, 16], help="DPM epochs, one line each")
     parser.add_argument("--rows", nargs="+", default=["7", "10", "12"], help="Table 5 rows that use the pools")
@@ -115,6 +117,7 @@ def main() -> None:
              f"is {row1:.1f}. Compare with rows 1-4 of table5.md for the same preset.")
     md = write_table(table, out, "privacy-utility", "Privacy against utility along DPM training", notes)
     curve(table, out / "privacy-utility.png", row1)
+    write_provenance(out, started, name="provenance-privacy-utility.json")  # the folder is Table 5's
     print(md.read_text())
 
 

@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from entities import runtime
 from entities.backbone import build_backbone
 from entities.config import load_config
-from entities.grid import prepare, select_rows
+from entities.provenance import write_provenance
 from entities.report import write_table
 from sim.cli import setup_logging
-from sim.table5 import RayPool, Sequential, run_grid, start_ray
+from sim.executors import RayPool, Sequential, start_ray
+from sim.grid import prepare, select_rows
+from sim.table5 import run_grid
 
 
 def _train_steps(steps: int) -> float:
@@ -53,7 +55,7 @@ def _train_steps(steps: int) -> float:
 
 
 def _warm(steps: int) -> int:
-    import entities.grid  # noqa: F401 - what every row imports
+    import sim.grid  # noqa: F401 - what every row imports
 
     _train_steps(steps)
     return os.getpid()
@@ -79,6 +81,7 @@ def core_scaling(workers: int, steps: int = 30) -> float:
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="table5-bench")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
@@ -121,6 +124,7 @@ def main() -> None:
                      f"add noise. Ceiling: {args.num_cpus} one-thread processes training a ResNet-20 at once "
                      f"do {ceiling:.2f}x the work of one alone on this machine, the most Ray's one-thread rows "
                      "can gain over the one-thread sequential run.")
+    write_provenance(args.out, started)
     print(md.read_text())
 
 

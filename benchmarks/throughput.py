@@ -32,6 +32,7 @@ from entities.config import load_config
 from entities.data import load_dataset_or_fallback, task_public_split
 from entities.dpm import DeepPoisoningModule
 from entities.mdp import build_modified_set
+from entities.provenance import write_provenance
 from entities.reconstructors import build_reconstructor
 from entities.report import write_table
 from entities.runtime import Runtime
@@ -110,6 +111,7 @@ def measure(run: Callable[[int], object], n: int) -> float:
 
 
 def main() -> None:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2048, help="images per timed loop")
     parser.add_argument("--variants", action="store_true", help="also fp32 + channels_last and bf16 alone")
@@ -150,6 +152,7 @@ def main() -> None:
             f"{peaks['bf16'] / 1e9:.0f} GFLOP/s with {torch.get_num_threads()} torch threads.")
     write_table(df, args.out, "throughput", "Loop throughput: fp32 (the loops before the runtime module) against "
                 f"auto ({auto.describe()})", notes=note)
+    write_provenance(args.out, started)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 
 

@@ -1,8 +1,10 @@
-"""Run settings as dataclasses, read from ``configs/<preset>.toml``.
+"""Run settings as dataclasses, read from the presets ``entities/presets/<preset>.toml``.
 
 One source of truth: ``python -m sim.*`` commands and the Flower app both call :func:`load_config`
 with a preset name and dotted overrides (``pretrain.epochs=3``), so a setting means the same thing
 whichever way the run was started. A preset may ``extends = "other"`` to change a few values.
+The presets are package data, read through :mod:`importlib.resources`, so an installed copy (not
+only a source checkout) finds them.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ import json
 import math
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from entities.backbone import BACKBONES
-from entities.data import PROJECT_ROOT
 from entities.files import artefact_key
 from entities.reconstructors import RECONSTRUCTORS
 from entities.runtime import DEVICES, PRECISIONS, key_part
 
-CONFIG_DIR = PROJECT_ROOT / "configs"
+PRESETS = resources.files("entities") / "presets"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package, by name."""
+    return sorted(p.name.removesuffix(".toml") for p in PRESETS.iterdir() if p.name.endswith(".toml"))
 
 
 @dataclass
@@ -125,7 +132,7 @@ class MDPConfig:
 class CollabConfig:
     """How the entities collaborate (Flower app and Table 5 grid alike)."""
 
-    share: str = "dpm"  # what each entity shares: dpm, mdp, augmdp or raw (see entities/sharing.py)
+    share: str = "dpm"  # what each entity shares: dpm, mdp, augmdp or raw (see entities/sharing/)
     # Hostile pools (entities/pools.py): the most items one pool may hold, beside what its entity declared,
     # and how many times the largest |φ1 feature| the pretrainer published a pool value may reach.
     max_pool: int = 100_000
@@ -169,7 +176,7 @@ class Config:
     table5: Table5Config = field(default_factory=Table5Config)
     collab: CollabConfig = field(default_factory=CollabConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-    results_root: str = ""  # empty: the project's results/
+    results_root: str = ""  # empty: results/ in the current directory
     threads: int = 0  # torch threads per process (0 = torch's default)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda: see entities/runtime.py
     precision: str = "auto"  # auto (bf16 where the hardware runs it fast), bf16 or fp32
@@ -199,7 +206,8 @@ class Config:
         return artefact_key(picked)
 
     def results_dir(self) -> Path:
-        return Path(self.results_root) if self.results_root else PROJECT_ROOT / "results"
+        """``results_root``, else ``results/`` in the current directory (never inside the installed package)."""
+        return Path(self.results_root) if self.results_root else Path.cwd() / "results"
 
 
 _ABSENT = object()
@@ -217,10 +225,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict:
-    path = Path(name) if name.endswith(".toml") else CONFIG_DIR / f"{name}.toml"
+    path = Path(name) if name.endswith(".toml") else PRESETS / f"{name}.toml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-        raise ValueError(f"config preset {name!r} not found at {path}; known presets: {known}")
+        raise ValueError(f"config preset {name!r} not found at {path}; known presets: {', '.join(preset_names())}")
     if name in seen:
         raise ValueError(f"config presets extend each other in a loop: {' -> '.join((*seen, name))}")
     raw = tomllib.loads(path.read_text())

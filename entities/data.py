@@ -20,7 +20,10 @@ from PIL import Image
 
 from entities.files import artefact_key, make_dir, write_bytes
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_ABOVE = Path(__file__).resolve().parent.parent
+# The source checkout this package runs from, if it does: its sibling ../shared/data is where the
+# project's archives live. An installed copy (site-packages) has none, so nothing is looked up there.
+SOURCE_ROOT: Path | None = _ABOVE if (_ABOVE / "pyproject.toml").is_file() else None
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -84,7 +87,9 @@ def data_roots(explicit: str | os.PathLike | None = None) -> list[Path]:
     roots = []
     if os.environ.get("POISONPOOL_DATA"):
         roots.append(Path(os.environ["POISONPOOL_DATA"]))
-    roots += [PROJECT_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    if SOURCE_ROOT is not None:
+        roots.append(SOURCE_ROOT.parent / "shared" / "data")
+    roots.append(Path.cwd().parent / "shared" / "data")
     return roots
 
 

@@ -17,9 +17,9 @@ from torch import nn
 
 from entities.config import Config
 from entities.dpm import DeepPoisoningModule, build_dpm
-from entities.files import artefact_key, load_torch, module_digest, save_torch
+from entities.files import artefact_key, load_torch, module_digest, save_torch, write_json
 from entities.metrics import disclosure
-from entities.pipeline import ArtefactStore, SharedModules
+from entities.pipeline import ArtefactStore, SharedModules, history_path, read_history
 from entities.runtime import key_part
 from entities.train import (
     evaluate_classifier,
@@ -85,13 +85,18 @@ class Entity:
         if path.is_file():
             dpm.load_state_dict(load_torch(path, f"{self.name}'s DPM"))
         else:
-            train_dpm(dpm, copy.deepcopy(shared.phi2), shared.psi, own.features, self.images, self.labels,
-                      cfg.dpm, seed=seed, what=f"{self.name} dpm")
+            history = train_dpm(dpm, copy.deepcopy(shared.phi2), shared.psi, own.features, self.images, self.labels,
+                                cfg.dpm, seed=seed, what=f"{self.name} dpm")
             save_torch(dpm.state_dict(), path, private=True)
+            write_json(history, history_path(path), private=True)
         dpm.eval()
         self.dpm = dpm
         self._pool_scores = None
         return dpm
+
+    def dpm_curve(self, cfg: Config, shared: SharedModules, seed: int) -> list[dict[str, float]]:
+        """The training curve of its DPM for these settings (empty before it is trained)."""
+        return read_history(self.dpm_path(cfg, shared, seed))
 
     def poisoned_pool(self) -> Pool:
         """P(φ1(S_k)) with labels: the only thing derived from its images that it shares."""

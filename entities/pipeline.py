@@ -8,6 +8,7 @@ a sibling of ``shared/``, never beside the shared modules.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import nn
 from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.data import ImageSet, TaskSplit, load_dataset, make_shards, task_public_split
-from entities.files import load_torch, make_dir, save_torch
+from entities.files import ArtefactError, load_torch, make_dir, save_torch, write_json
 from entities.reconstructors import Reconstructor, build_reconstructor
 from entities.train import extract_features, pretrain, train_reconstructor
 
@@ -90,6 +91,23 @@ class ArtefactStore:
         return path
 
 
+def history_path(checkpoint: Path) -> Path:
+    """Where the per-epoch figures of the training that made ``checkpoint`` are kept: beside it, so a
+    run that loads the checkpoint can still plot the curve that produced it."""
+    return checkpoint.with_suffix(".history.json")
+
+
+def read_history(checkpoint: Path) -> list[dict[str, float]]:
+    """The training curve stored with ``checkpoint``; empty for checkpoints older than these files."""
+    path = history_path(checkpoint)
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtefactError(f"training history {path} is unreadable ({err}); delete it") from err
+
+
 def pretrain_set(cfg: Config, split: TaskSplit) -> tuple[np.ndarray, np.ndarray]:
     """The images Φ is pretrained on: all of S, or one entity's shard (the collaboration)."""
     who = cfg.backbone.pretrain_on
@@ -116,9 +134,10 @@ def pretrained_backbone(cfg: Config, split: TaskSplit, store: ArtefactStore) -> 
     t0 = time.time()
     log.info("pretraining %s on %d images (%s)", cfg.backbone.name, len(labels), cfg.backbone.pretrain_on)
     partial = store.shared("backbone.partial.pt")  # same settings key: a killed run resumes from it
-    pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed, checkpoint=partial)
+    history = pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed, checkpoint=partial)
     log.info("pretraining done in %.0fs", time.time() - t0)
     save_torch(model.state_dict(), path)
+    write_json(history, history_path(path))
     partial.unlink(missing_ok=True)  # absent when pretrain.epochs = 0
     return model
 
@@ -143,17 +162,22 @@ def shared_reconstructor(
     q_feats = cached_features(store, "Q-train", phi1, split.Q.train_images)
     torch.manual_seed(cfg.data.seed)
     psi = build_reconstructor(name, tuple(q_feats.shape[1:]), split.Q.image_shape)
-    path = store.shared(f"psi-{name}-{cfg.digest('reconstructor')}.pt")
+    path = reconstructor_path(cfg, store, name)
     if path.is_file():
         psi.load_state_dict(load_torch(path, "reconstructor"))
         psi.eval()
         return psi
     t0 = time.time()
     log.info("training reconstructor %s on %d public images", name, len(q_feats))
-    train_reconstructor(psi, q_feats, split.Q.train_images, cfg.reconstructor, seed=cfg.data.seed)
+    history = train_reconstructor(psi, q_feats, split.Q.train_images, cfg.reconstructor, seed=cfg.data.seed)
     log.info("reconstructor %s done in %.0fs", name, time.time() - t0)
     save_torch(psi.state_dict(), path)
+    write_json(history, history_path(path))
     return psi
+
+
+def reconstructor_path(cfg: Config, store: ArtefactStore, name: str) -> Path:
+    return store.shared(f"psi-{name}-{cfg.digest('reconstructor')}.pt")
 
 
 @dataclass
@@ -164,6 +188,12 @@ class SharedModules:
     phi1: nn.Sequential
     phi2: nn.Sequential
     psi: Reconstructor
+
+
+def step1_curves(cfg: Config, store: ArtefactStore) -> dict[str, list[dict[str, float]]]:
+    """The training curves of Step 1's Φ and ψ, by name (empty where an older run kept none)."""
+    return {f"Φ pretrain ({cfg.backbone.name})": read_history(store.shared("backbone.pt")),
+            f"ψ ({cfg.reconstructor.name})": read_history(reconstructor_path(cfg, store, cfg.reconstructor.name))}
 
 
 def step1(cfg: Config, split: TaskSplit, store: ArtefactStore) -> SharedModules:

@@ -31,11 +31,10 @@ import numpy as np
 
 from entities.attacks.decoder import train_decoder  # the attack suite's decoder, not a second one
 from entities.config import AttackConfig
-from entities.data import PROJECT_ROOT
 from entities.decoders import build_decoder
 from entities.entity import Entity
 from entities.metrics import disclosure, reconstruction_scores
-from entities.sharing import DPM, SHARE_MODES, Contribution
+from entities.sharing import DPM, FEATURES, SHARING_MODES, Contribution, get_mode
 from entities.train import infer, to_float
 
 POLICY_KEYS = {"allow-share": "allow", "data-root": "data_root", "private-store": "store",
@@ -52,14 +51,14 @@ class EntityPolicy:
 
     allow: tuple[str, ...] = (DPM,)
     data_root: str = ""  # empty: $POISONPOOL_DATA, then ../shared/data
-    store: str = ""  # empty: $POISONPOOL_STORE, then the project's results/ on this machine
+    store: str = ""  # empty: $POISONPOOL_STORE, then results/ in the SuperNode's working directory
     ceiling: float = 1.0  # the most disclosure SSIM the entity accepts to send (1: measure and report only)
     attack_epochs: int = 20  # the local decoder's training budget
     attack_pairs: int = 2000  # at most this many (pool, image) pairs train it
     source: str = "defaults"
 
     def store_root(self) -> Path:
-        return Path(self.store or os.environ.get("POISONPOOL_STORE") or PROJECT_ROOT / "results")
+        return Path(self.store or os.environ.get("POISONPOOL_STORE") or Path.cwd() / "results")
 
     def check_mode(self, entity: str, mode: str) -> None:
         if mode not in self.allow:
@@ -81,9 +80,9 @@ def _value(key: str, value: Any, where: str) -> Any:
     try:
         if field == "allow":
             modes = tuple(value) if isinstance(value, list) else tuple(m for m in str(value).replace(",", " ").split())
-            bad = [m for m in modes if m not in SHARE_MODES]
+            bad = [m for m in modes if m not in SHARING_MODES]
             if bad or not modes:
-                raise ValueError(f"unknown sharing mode(s) {bad}; valid: {', '.join(SHARE_MODES)}")
+                raise ValueError(f"unknown sharing mode(s) {bad}; valid: {', '.join(SHARING_MODES)}")
             return modes
         if field == "ceiling":
             if isinstance(value, bool):
@@ -130,10 +129,11 @@ def load_policy(node_config: Mapping[str, Any]) -> EntityPolicy:
 def local_disclosure(entity: Entity, sent: Contribution, policy: EntityPolicy, attack_cfg: AttackConfig,
                      seed: int) -> dict[str, float]:
     """What the entity's pool discloses by its own measure: the figure it reports for the mode
-    (``sent.disclosure``: ψ's for DPM, exact for images) and, for DPM pools, a decoder trained on half
-    of its own (pool, image) pairs and scored on the other half."""
-    measured = {"psi" if sent.mode == DPM else "images": float(sent.disclosure)}
-    if sent.mode != DPM or len(sent) < 4:
+    (``sent.disclosure``: ψ's for DPM, exact for images) and, for feature pools (DPM), a decoder trained
+    on half of its own (pool item, the image it shows) pairs and scored on the other half."""
+    features = get_mode(sent.mode).sends == FEATURES
+    measured = {"psi" if features else "images": float(sent.disclosure)}
+    if not features or len(sent) < 4:
         return measured
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(sent))[: 2 * policy.attack_pairs]
@@ -142,7 +142,8 @@ def local_disclosure(entity: Entity, sent: Contribution, policy: EntityPolicy, a
     # At least four steps an epoch, so a small shard still gets a trained decoder.
     budget = dataclasses.replace(attack_cfg, epochs=policy.attack_epochs,
                                  batch_size=min(attack_cfg.batch_size, max(8, len(fit) // 4)))
-    train_decoder(decoder, sent.data[fit], entity.images[fit], budget, seed, f"{entity.name} local disclosure decoder")
-    scores = reconstruction_scores(infer(decoder, sent.data[score]), to_float(entity.images[score]))
+    shown = entity.images[sent.shows]
+    train_decoder(decoder, sent.data[fit], shown[fit], budget, seed, f"{entity.name} local disclosure decoder")
+    scores = reconstruction_scores(infer(decoder, sent.data[score]), to_float(shown[score]))
     measured["decoder on own pairs"] = disclosure({k: float(v.mean()) for k, v in scores.items()})
     return measured

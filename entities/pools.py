@@ -1,9 +1,10 @@
-"""Shared pools: the checks every receiver runs, and their on-disk form.
+"""Shared pools: what crosses between entities, the checks every receiver runs, and their on-disk form.
 
-A pool is what crosses between entities with its labels: poisoned features P_k(φ1(S_k)) in the
-DPM sharing mode, images in [0, 1] in the MDP, AugMDP and raw modes (``Pool.features`` then holds
-the images; see :mod:`entities.sharing`). The Flower strategy and its entities refuse a pool
-that fails :func:`validate_shared`; the Table 5 grid, which reuses DPM pools, :func:`validate_pool`.
+A :class:`SharedPool` is what one sharing mode sends, with its labels: poisoned features
+P_k(φ1(S_k)) in the DPM mode, images in [0, 1] in the MDP, AugMDP and raw modes. It is kept apart
+from :class:`entities.entity.Pool` (φ1 features a decider trains on) so that images never pass for
+features: a mode of :mod:`entities.sharing` says what its pools hold, checks them with
+:func:`validate_features` or :func:`validate_images`, and turns them into a training ``Pool``.
 
 A pool may come from a hostile participant, so finite is not enough: a pool of 1e30 values sends
 every honest decider to NaN. Feature values are bounded by ``collab.feature_bound`` times the largest
@@ -14,18 +15,44 @@ sender declared, and the configured cap ``collab.max_pool``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from entities.entity import Pool
 from entities.files import save_torch
-from entities.sharing import shares_images
 
 
 class PoolError(ValueError):
     """A pool is malformed; the message names the pool and what is wrong."""
+
+
+@dataclass
+class SharedPool:
+    """What a sender shares, as it travels: ``data`` (features or images, as its mode says) and labels."""
+
+    data: torch.Tensor
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def union(pools: list[SharedPool]) -> SharedPool:
+        return SharedPool(torch.cat([p.data for p in pools]), np.concatenate([p.labels for p in pools]))
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a receiver checks a pool against. ``image_shape`` matters to image modes only, ``bound``
+    (the most |feature| allowed; None: no bound) to feature modes only."""
+
+    feature_shape: tuple[int, ...]
+    num_classes: int
+    image_shape: tuple[int, ...] = ()
+    max_items: int | None = None
+    bound: float | None = None
 
 
 def feature_scale(features: torch.Tensor) -> float:
@@ -33,44 +60,33 @@ def feature_scale(features: torch.Tensor) -> float:
     return float(features.abs().max()) if len(features) else 0.0
 
 
-def validate_pool(name: str, pool: Pool, feature_shape: tuple[int, ...], num_classes: int,
-                  max_items: int | None = None, bound: float | None = None) -> None:
-    """Shape, dtype, finite values within ``bound``, label shape and range, matching lengths and at
-    most ``max_items`` items, or a PoolError."""
-    _check(name, pool, feature_shape, num_classes, "features", "feature maps", " (made with another φ1 or hook point?)",
-           max_items)
-    if bound is not None:
-        top = float(pool.features.abs().max())
-        if top > bound:
-            raise PoolError(f"pool {name}: feature values up to {top:.4g} in magnitude, above the bound {bound:.4g} "
-                            f"(collab.feature_bound times the largest |φ1 feature| of honest data)")
+def validate_features(name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    """Shape, dtype, finite values within ``spec.bound``, label shape and range, matching lengths and
+    at most ``spec.max_items`` items, or a PoolError."""
+    _check(name, pool, spec.feature_shape, spec, "features", "feature maps", " (made with another φ1 or hook point?)")
+    if spec.bound is not None:
+        top = float(pool.data.abs().max())
+        if top > spec.bound:
+            raise PoolError(f"pool {name}: feature values up to {top:.4g} in magnitude, above the bound "
+                            f"{spec.bound:.4g} (collab.feature_bound times the largest |φ1 feature| of honest data)")
 
 
-def validate_images(name: str, pool: Pool, image_shape: tuple[int, ...], num_classes: int,
-                    max_items: int | None = None) -> None:
-    """The checks of :func:`validate_pool` for a pool of images, and pixel values in [0, 1].
+def validate_images(name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    """The checks of :func:`validate_features` for a pool of images, and pixel values in [0, 1].
 
     The range matters beyond tidiness: receivers feed the images to φ1, which was trained on
     [0, 1] inputs, and an out-of-range pool would train the decider on features φ1 never produces.
     """
-    _check(name, pool, image_shape, num_classes, "images", "images", "", max_items)
-    low, high = pool.features.min().item(), pool.features.max().item()
+    _check(name, pool, spec.image_shape, spec, "images", "images", "")
+    low, high = pool.data.min().item(), pool.data.max().item()
     if low < 0 or high > 1:
         raise PoolError(f"pool {name}: pixel values must lie in [0, 1], got {low:.4g} .. {high:.4g}")
 
 
-def validate_shared(name: str, pool: Pool, mode: str, feature_shape: tuple[int, ...], image_shape: tuple[int, ...],
-                    num_classes: int, max_items: int | None = None, bound: float | None = None) -> None:
-    """The check that fits what sharing mode ``mode`` sends: images or φ1 features."""
-    if shares_images(mode):
-        validate_images(name, pool, image_shape, num_classes, max_items)
-    else:
-        validate_pool(name, pool, feature_shape, num_classes, max_items, bound)
-
-
-def _check(name: str, pool: Pool, shape: tuple[int, ...], num_classes: int, what: str, items: str,
-           hint: str, max_items: int | None) -> None:
-    f, y = pool.features, np.asarray(pool.labels)
+def _check(name: str, pool: SharedPool, shape: tuple[int, ...], spec: PoolSpec, what: str, items: str,
+           hint: str) -> None:
+    f, y = pool.data, np.asarray(pool.labels)
+    num_classes, max_items = spec.num_classes, spec.max_items
     if not isinstance(f, torch.Tensor) or f.ndim != len(shape) + 1 or tuple(f.shape[1:]) != tuple(shape):
         got = tuple(f.shape[1:]) if hasattr(f, "shape") else type(f).__name__
         raise PoolError(f"pool {name}: {what} of shape {got}, expected {tuple(shape)}{hint}")
@@ -92,16 +108,18 @@ def _check(name: str, pool: Pool, shape: tuple[int, ...], num_classes: int, what
                         f"in [{y.min()}, {y.max()}]")
 
 
-def save_pool(pool: Pool, path: Path, meta: dict) -> None:
-    """Features, labels and the settings digest that made them (so a mismatched φ1 is caught), written whole."""
-    save_torch({"features": pool.features, "labels": torch.as_tensor(pool.labels), "meta": meta}, path)
+def save_pool(pool: SharedPool, path: Path, meta: dict) -> None:
+    """The pool's data, labels and the settings digest that made them (so a mismatched φ1 is caught),
+    written whole. The data stay under the key ``features`` whatever the mode, so pools stored by
+    earlier releases load unchanged; ``meta["share"]`` says what they hold."""
+    save_torch({"features": pool.data, "labels": torch.as_tensor(pool.labels), "meta": meta}, path)
 
 
-def load_pool(path: Path) -> tuple[Pool, dict]:
+def load_pool(path: Path) -> tuple[SharedPool, dict]:
     if not path.is_file():
         raise PoolError(f"pool file {path} does not exist")
     try:
         d = torch.load(path, weights_only=True, map_location="cpu")
-        return Pool(d["features"], d["labels"].numpy()), d["meta"]
+        return SharedPool(d["features"], d["labels"].numpy()), d["meta"]
     except (KeyError, RuntimeError, EOFError, TypeError, AttributeError) as err:
         raise PoolError(f"pool file {path} is unreadable: {err}") from err

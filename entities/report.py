@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -64,3 +65,31 @@ def image_grid(columns: dict[str, torch.Tensor], path: Path, row_labels: list[st
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def write_curves(curves: dict[str, list[dict[str, float]]], out_dir: Path, stem: str = "curves") -> Path | None:
+    """``<stem>.csv`` (model, epoch, figure, value: the per-epoch means ``train.fit`` returns) and
+    ``<stem>.png``, one panel per trained model; None when no model has a curve (all loaded from
+    checkpoints older than their histories)."""
+    rows = [{"model": model, "epoch": epoch, "figure": k, "value": v}
+            for model, history in curves.items() for epoch, means in enumerate(history, start=1)
+            for k, v in means.items()]
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    files.write_text(out_dir / f"{stem}.csv", df.to_csv(index=False))
+    models = list(dict.fromkeys(df["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 2.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for figure, part in df[df["model"] == model].groupby("figure", sort=False):
+            ax.plot(part["epoch"], part["value"], marker="o", markersize=3, label=figure)
+        ax.set_title(model, fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = out_dir / f"{stem}.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return files.write_bytes(png, buf.getvalue())

@@ -1,12 +1,13 @@
-"""Settings of the Flower app: the run config names a preset in ``configs/`` plus overrides.
+"""Settings of the Flower app: the run config names a preset (``entities/presets/``) plus overrides.
 
 ``flwr run sim/ --run-config 'preset="collab-tiny" overrides="dpm.lam=0.5 decider.epochs=3"'`` means
 the same as ``--config collab-tiny --set dpm.lam=0.5 decider.epochs=3`` for the ``python -m sim.*``
 commands: both go through :func:`entities.config.load_config`. Flower only accepts run-config keys
 that the app declares, so dotted settings travel inside the one ``overrides`` string.
 
-The ServerApp runs in whatever directory the SuperLink was started from, so every path is made
-absolute here, relative to the project root.
+The ServerApp runs in whatever directory the SuperLink was started from, so a relative (or empty,
+i.e. ``results/``) results root is taken from there and made absolute here; ``python -m sim.run``
+always passes the caller's own, absolute.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from flwr.app import UserConfig
 
 from entities import runtime
 from entities.config import Config, load_config, parse_overrides
-from entities.data import PROJECT_ROOT
 from entities.files import check_run_name
 
 FAILED = ".failed"  # a failed run's results go to <run-name>.failed, beside the last completed ones
@@ -40,7 +40,7 @@ def setup_app_logging() -> None:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path)
+    return str(Path(path).resolve())
 
 
 def config_from_run_config(run_config: UserConfig) -> Config:

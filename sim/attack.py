@@ -1,7 +1,7 @@
 """Attack every sharing mode's pools with adaptive attackers and write the privacy report card.
 
     python -m sim.attack [--config collab] [--from-flower results/flower/<run>] [--attacks psi decoder ...]
-                         [--share dpm mdp ...] [--run NAME] [--set attack.images=200 threads=1]
+                         [--share dpm mdp ...] [--run-name NAME] [--set attack.images=200 threads=1]
     python -m sim.attack frontier [--points NAME ...] [...]   (the privacy-utility frontier: sim/frontier.py)
 
 A collaborator (``attack.attacker``, default E2) attacks the pools of ``attack.victims`` (default E1
@@ -18,7 +18,6 @@ Table 5's ``sharing.md``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -34,13 +33,14 @@ from entities.attacks.card import REPORT_INDEX, CellStore, card_table, defence_k
 from entities.attacks.suite import SuiteRun, check_parties, run_suite
 from entities.config import Config
 from entities.entity import Pool
-from entities.grid import feature_shape, load_flower_pools
 from entities.mdp import describe_pgd
 from entities.pipeline import entity_shards, load_task
 from entities.pools import PoolError
+from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, markdown_table, write_json
 from entities.sharing import DPM
-from sim.cli import add_config_args, config_from_args, run_main
+from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
+from sim.grid import feature_shape, load_flower_pools
 
 log = logging.getLogger("poisonpool")
 
@@ -169,15 +169,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         from sim import frontier  # the frontier runs this suite for every point; it is its own command
 
         return frontier.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m sim.attack", description=__doc__.split("\n")[0])
+    started = time.time()
+    parser = command_parser("python -m sim.attack", __doc__)
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families to run (default all): {', '.join(ATTACKS)}")
     parser.add_argument("--share", nargs="+", default=None, metavar="MODE",
                         help=f"sharing modes to attack (default all; the controls clean and raw always run): "
                              f"{', '.join(ATTACK_MODES)}")
     parser.add_argument("--from-flower", type=Path, default=None, metavar="DIR",
-                        help="attack the DPM pools of this `flwr run sim/` results directory")
-    parser.add_argument("--run", default=None, help="name of results/attack/<run>/ (default: the preset's name)")
+                        help="attack the DPM pools of this `flwr run sim/` results directory (default: the "
+                             "victims' own DPMs)")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -189,13 +190,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     modes = modes_to_run(args.share)
     check_parties(cfg)
     pools, source = (None, "own") if args.from_flower is None else flower_pools(args.from_flower, cfg)
-    run_dir = cfg.results_dir() / "attack" / (args.run or cfg.name)
+    run_dir = cfg.results_dir() / "attack" / run_name(args, cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     store = CellStore(run_dir)
     t0 = time.time()
     run = run_suite(cfg, families, modes, store, pools, source)
     command = "python -m sim.attack " + " ".join(argv)
     cells = write_report(cfg, run, modes, run_dir, store, command.strip(), source)
+    write_provenance(run_dir, started, command_line("python -m sim.attack", argv))
     log.info("wrote %s in %.0fs", run_dir / "report.md", time.time() - t0)
     print((run_dir / "report.md").read_text())
     return cells

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from entities.files import make_dir, write_bytes
+from sim.help import DefaultsHelp
 
 DAYS = 365
 
@@ -89,11 +90,12 @@ def make_node_key(out: Path, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.certs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sim.certs", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelp)
     parser.add_argument("out", type=Path, help="folder for the certificates and keys (created 0700)")
     parser.add_argument("--host", action="append", default=None,
                         help="a name or address the SuperLink is reached at (repeatable; default 127.0.0.1, localhost)")
-    parser.add_argument("--nodes", type=int, default=4, help="SuperNode key pairs E1..En to make (default 4)")
+    parser.add_argument("--nodes", type=int, default=4, help="SuperNode key pairs E1..En to make")
     parser.add_argument("--node-key", default=None, metavar="NAME", help="make only the key pair NAME.key/NAME.pub")
     args = parser.parse_args(argv)
     out = make_dir(args.out, private=True)

@@ -27,11 +27,11 @@ from flwr.clientapp import ClientApp
 
 from entities.config import Config
 from entities.data import TaskSplit
-from entities.entity import Entity, Pool
+from entities.entity import Entity
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task, step1
 from entities.policy import EntityPolicy, load_policy, local_disclosure
-from entities.pools import feature_scale, validate_shared
-from entities.sharing import DPM, contribute, received_pool
+from entities.pools import PoolSpec, feature_scale
+from entities.sharing import get_mode
 from entities.train import extract_features
 from sim.app_config import config_from_run_config, setup_app_logging
 from strategies.records import pack_pool, pack_shared, unpack_pool, unpack_shared
@@ -137,38 +137,39 @@ def share_pool(msg: Message, context: Context) -> Message:
     here = local(context)
     cfg, entity = here.cfg, here.entity
     here.policy.check_mode(entity.name, cfg.collab.share)
+    mode = get_mode(cfg.collab.share)
     shared = unpack_shared(msg.content["shared"], cfg, entity.images.shape[1:])
     context.state["shared"] = msg.content["shared"]  # kept on this node for step 3
-    sent = contribute(entity, shared, cfg, here.seed)
+    sent = mode.contribute(entity, shared, cfg, here.seed)
     measured = local_disclosure(entity, sent, here.policy, cfg.attack, here.seed)
     here.policy.check_disclosure(entity.name, sent.mode, measured)
     metrics = {"num-examples": len(entity.labels), "items_shared": len(sent), "disclosure_ssim": sent.disclosure,
                "label_ssim": sent.label_disclosure, "local_disclosure_ssim": max(measured.values()),
                "disclosure_ceiling": here.policy.ceiling}
-    if sent.mode == DPM:
-        metrics |= entity.pool_metrics(shared, here.test_features(shared.phi1), here.test_labels)
+    metrics |= mode.metrics(entity, shared, here.test_features(shared.phi1), here.test_labels)
     metrics["pool_seconds"] = time.time() - t0
-    return reply(msg, metrics, pool=pack_pool(Pool(sent.data, sent.labels), sent.mode))
+    return reply(msg, metrics, pool=pack_pool(sent.pool(), sent.mode))
 
 
 @app.train("refine")
 def refine(msg: Message, context: Context) -> Message:
     """Step 3: refine φ2 on own features alone and with the received pools; score both on the test split.
 
-    Received images (the image-sharing modes) become training data through φ1, as a receiver would use them.
+    The sharing mode turns what was received into training data (φ1 of the images in the image modes).
     """
     t0 = time.time()
     here = local(context)
     cfg, entity = here.cfg, here.entity
-    mode = cfg.collab.share
+    mode = get_mode(cfg.collab.share)
     shared = unpack_shared(context.state["shared"], cfg, entity.images.shape[1:])
-    received = unpack_pool(msg.content["pool"], mode)
+    received = unpack_pool(msg.content["pool"], mode.name)
     test_features = here.test_features(shared.phi1)
     # The server checked every pool; a receiver checks again against its own measure of φ1's scale.
     bound = cfg.collab.feature_bound * feature_scale(entity.featurize(shared).features)
-    validate_shared("received", received, mode, tuple(test_features.shape[1:]), tuple(entity.images.shape[1:]),
-                    len(cfg.data.task_classes), cfg.collab.max_pool * (len(entity_names(cfg)) - 1), bound)
-    pool = received_pool(received.features, received.labels, mode, shared.phi1)
+    mode.validate("received", received, PoolSpec(
+        tuple(test_features.shape[1:]), len(cfg.data.task_classes), tuple(entity.images.shape[1:]),
+        max_items=cfg.collab.max_pool * (len(entity_names(cfg)) - 1), bound=bound))
+    pool = mode.training_pool(received, shared.phi1)
     _, own = entity.refine(shared, [], cfg, test_features, here.test_labels, seed=here.seed)
     _, refined = entity.refine(shared, [pool], cfg, test_features, here.test_labels, seed=here.seed)
     metrics = {

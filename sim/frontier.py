@@ -1,7 +1,7 @@
 """The privacy-utility frontier: every sharing mode and defence setting, its worst case over the whole
 attack suite against what it costs the collaboration.
 
-    python -m sim.attack frontier [--config collab] [--points NAME ...] [--run NAME] [--set threads=1 ...]
+    python -m sim.attack frontier [--config collab] [--points NAME ...] [--run-name NAME] [--set threads=1 ...]
 
 A point is a sharing mode with the settings of one defence (:data:`POINTS`, data like Table 5's
 rows): the paper's DPM, Table 3's perturbations in front of it, MDP, AugMDP, raw images and clean φ1
@@ -17,15 +17,13 @@ For each point:
 
 Cells and rows are stored as they finish (the attack suite's cell store, Table 5's row store), so an
 interrupted frontier resumes and the references reuse the cells of ``python -m sim.attack``. Output:
-``results/attack/<run>/frontier.md|csv|png``. A defence's default changes only if it is better on
+``<results-root>/attack/<run-name>/frontier.md|csv|png``. A defence's default changes only if it is better on
 this frontier, not on ψ alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,12 +40,13 @@ from entities.attacks.card import CellStore, worst_cases
 from entities.attacks.suite import check_parties, entity_seed, run_suite
 from entities.config import Config, load_config, parse_overrides
 from entities.entity import Entity, Pool
-from entities.grid import ROWS, RowStore, feature_row, phi_row, raw_row, row_key
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
+from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table, write_json
-from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, received_pool
+from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, get_mode
 from entities.train import evaluate_classifier, infer
-from sim.cli import add_config_args, override_item
+from sim.cli import add_config_args, command_parser, config_from_args, run_name
+from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, row_key
 
 log = logging.getLogger("poisonpool")
 
@@ -80,7 +79,7 @@ POINTS: tuple[Point, ...] = (
 )
 POINT_NAMES = tuple(p.name for p in POINTS)
 SENDERS = ("E1", "E2", "E3")  # whose pools rows 7 and 12 train on
-ROW_IDS = ("1", "4", "7", "12")
+FRONTIER_ROWS = ("1", "4", "7", "12")
 TARGETS = {"disclosure": 0.10, "identification": 0.05, "top1_drop": 1.0, "E4 gain": 15.0}
 
 
@@ -124,7 +123,7 @@ def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dic
                 pools[name] = Pool(infer(mapping, own.features), entity.labels)
         elif name in SENDERS:
             sent = contribute(entity, shared, cfg, seed, point.mode)
-            pools[name] = received_pool(sent.data, sent.labels, sent.mode, shared.phi1)
+            pools[name] = get_mode(point.mode).training_pool(sent.pool(), shared.phi1)
     return pools, top1
 
 
@@ -139,7 +138,7 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
     source = f"frontier:{point.mode}"
     seed = cfg.data.seed
     out: dict = {"original top-1": original}
-    todo = [r for r in ROWS if r.id in ROW_IDS]
+    todo = [r for r in ROWS if r.id in FRONTIER_ROWS]
     results, pools, top1 = {}, None, []
     for row in todo:
         key = row_key(row, seed, cfg, source)
@@ -166,7 +165,7 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
         out["poisoned top-1"] = float(np.mean(top1))
     else:  # receivers featurize shared images with φ1: the shared φ2 reads the test set as it is
         out["poisoned top-1"] = original
-    out |= {f"row {r}": results[r] for r in ROW_IDS}
+    out |= {f"row {r}": results[r] for r in FRONTIER_ROWS}
     out["E1 gain"] = results["7"] - results["1"]
     out["E4 gain"] = results["12"] - results["4"]
     return out
@@ -266,12 +265,12 @@ def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, c
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(prog="python -m sim.attack frontier", description=__doc__.split("\n")[0])
+    started = time.time()
+    parser = command_parser("python -m sim.attack frontier", __doc__)
     parser.add_argument("--points", nargs="+", default=None, metavar="NAME",
                         help=f"points to measure (default all): {', '.join(repr(n) for n in POINT_NAMES)}")
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
-    parser.add_argument("--run", default=None, help="name of results/attack/<run>/ (default: the preset's name)")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -281,18 +280,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     families = list(dict.fromkeys(args.attacks or ATTACKS))
     if bad := [f for f in families if f not in ATTACKS]:
         parser.error(f"unknown attack(s) {bad}; choose from {', '.join(ATTACKS)}")
-    overrides = parse_overrides([override_item(s) for s in args.set])
-    if args.data_root:
-        overrides["data.data_root"] = args.data_root
-    base = load_config(args.config, overrides)
+    base = config_from_args(args)  # every point's settings go over the run's own, as resolved here
+    overrides = {**parse_overrides(args.set), "results_root": str(base.results_dir()),
+                 "data.data_root": base.data.data_root, "data.allow_download": str(base.data.allow_download)}
     victims = check_parties(base)
-    run_dir = base.results_dir() / "attack" / (args.run or base.name)
+    run_dir = base.results_dir() / "attack" / run_name(args, base.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
-    t0 = time.time()
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
     table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families) for p in chosen])
-    command = "python -m sim.attack frontier " + " ".join(argv if argv is not None else sys.argv[2:])
-    write(table, base, victims, run_dir, command.strip(), time.time() - t0)
+    command = " ".join(command_line("python -m sim.attack frontier", argv))
+    write(table, base, victims, run_dir, command, time.time() - started)
+    write_provenance(run_dir, started, command_line("python -m sim.attack frontier", argv),
+                     name="provenance-frontier.json")
     print((run_dir / "frontier.md").read_text())
     return table

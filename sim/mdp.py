@@ -37,16 +37,18 @@ from entities.pipeline import (
     pretrained_backbone,
     step1,
 )
+from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, write_json, write_table
-from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, mode_name, received_pool
+from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode
 from entities.train import evaluate_classifier, pretrain, to_float
-from sim.cli import add_config_args, config_from_args, run_main
+from sim.cli import add_config_args, command_parser, config_from_args, run_main
 
 log = logging.getLogger("poisonpool")
 
 # The paper's figures: ResNet-50 on CIFAR-10, IR-50 on restricted CASIA-WebFace.
 PAPER_TABLE1 = {"cifar10": (85.52, 89.04), "faces": (83.04, 84.67)}
-PAPER_TABLE2 = [("ResNet-50 (crafting)", 85.52), ("ResNet-154", 86.08), ("DenseNet-154", 83.15)]
+PAPER_TABLE2 = [("ResNet-50", "crafting", 85.52), ("ResNet-154", "transfer", 86.08),
+                ("DenseNet-154", "transfer", 83.15)]  # (architecture, role, top-1 trained on the MDP set)
 PAPER_SSIM = {"cifar10": 0.969, "faces": 0.961}
 
 
@@ -185,6 +187,28 @@ def figure4(aug: ModifiedSet, images: np.ndarray, classes: list[str], path, n: i
     return image_grid(columns, path, captions=captions)
 
 
+def _arch_id(name: str) -> str:
+    """``ResNet-50`` and ``resnet50`` alike: architectures match by name and depth, not by table position."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def table2_frame(c10: dict) -> pd.DataFrame:
+    """Our crafting model and transfer architectures, and the paper's, one row per architecture and role;
+    a paper figure joins our row only for the same architecture in the same role."""
+    ours = [(c10["arch"], "crafting", c10["top1"]["original"], c10["top1"]["MDP"])]
+    ours += [(a, "transfer", v["original"], v["MDP"]) for a, v in c10["transfer"].items()]
+    paper = {(_arch_id(a), role): (a, acc) for a, role, acc in PAPER_TABLE2}
+    rows = []
+    for arch, role, original, mdp in ours:
+        match = paper.pop((_arch_id(arch), role), (None, np.nan))
+        rows.append({"architecture": arch, "role": role, "ours trained on original": original,
+                     "ours trained on MDP set": mdp, "paper trained on MDP set": match[1]})
+    rows += [{"architecture": f"{a} (paper)", "role": role, "ours trained on original": np.nan,
+              "ours trained on MDP set": np.nan, "paper trained on MDP set": acc}
+             for (_, role), (a, acc) in paper.items()]
+    return pd.DataFrame(rows)
+
+
 def reproduce(cfg: Config, faces: Config | None) -> list[dict]:
     """Both data sets, then the combined tables in ``results/mdp/<config>/``."""
     configs = [cfg] + ([faces] if faces is not None else [])
@@ -225,17 +249,11 @@ def reproduce(cfg: Config, faces: Config | None) -> list[dict]:
     log.info("wrote %s", md)
     c10 = results[0]
     if c10["transfer"]:
-        rows2 = [{"architecture": f"{c10['arch']} (crafting)", "ours trained on original": c10["top1"]["original"],
-                  "ours trained on MDP set": c10["top1"]["MDP"]}]
-        rows2 += [{"architecture": a, "ours trained on original": v["original"], "ours trained on MDP set": v["MDP"]}
-                  for a, v in c10["transfer"].items()]
-        for row, (arch, acc) in zip(rows2, PAPER_TABLE2, strict=False):  # ours may list fewer
-            row["paper architecture"] = arch
-            row["paper trained on MDP set"] = acc
-        md = write_table(pd.DataFrame(rows2), out_dir, "table2", "Table 2: transferability of the MDP set",
+        md = write_table(table2_frame(c10), out_dir, "table2", "Table 2: transferability of the MDP set",
                          f"{c10['dataset']} MDP set built with {c10['arch']}, used to train other architectures "
                          "from scratch with the same recipe; test top-1 (%). vgg11-half = VGG-11 with batch "
-                         "norm at half width. Paper: CIFAR-10 set built with ResNet-50.")
+                         "norm at half width. Paper: CIFAR-10 set built with ResNet-50. A paper figure sits beside "
+                         "ours only for the same architecture (name and depth); the others have rows of their own.")
         log.info("wrote %s", md)
     md = write_table(pd.DataFrame(rows_ssim), out_dir, "ssim", "Mean SSIM between selected and modified images",
                      "SSIM with an 11-pixel Gaussian window (σ = 1.5), data range 1, per image then averaged. "
@@ -262,11 +280,12 @@ def compare(cfg: Config) -> pd.DataFrame:
     rows = [{"shared by E2..En": "nothing (E1 alone)", "items shared": 0, "E1 top-1 (%)": alone,
              "SSIM(shared, a real image it shows)": np.nan, "SSIM(shared, image of its label)": np.nan}]
     for mode in (RAW, MDP, AUGMDP, DPM):
-        sent = [contribute(e, shared, cfg, seed, mode) for e in senders]
-        pools = [received_pool(c.data, c.labels, mode, shared.phi1) for c in sent]
+        sharing = get_mode(mode)
+        sent = [sharing.contribute(e, shared, cfg, seed) for e in senders]
+        pools = [sharing.training_pool(c.pool(), shared.phi1) for c in sent]
         top1 = receiver.refine(shared, pools, cfg, test_feats, S.test_labels, seed)[1]["top1"]
         n = np.array([len(c) for c in sent])
-        rows.append({"shared by E2..En": mode_name(mode, cfg.mdp.rounds),
+        rows.append({"shared by E2..En": sharing.title(cfg.mdp.rounds),
                      "items shared": int(n.sum()), "E1 top-1 (%)": top1,
                      "SSIM(shared, a real image it shows)": float(np.average([c.disclosure for c in sent], weights=n)),
                      "SSIM(shared, image of its label)": float(np.average([c.label_disclosure for c in sent],
@@ -291,16 +310,19 @@ def compare(cfg: Config) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sim.mdp", description=__doc__.split("\n")[0])
+    started = time.time()
+    parser = command_parser("python -m sim.mdp", __doc__)
     parser.add_argument("command", choices=("reproduce", "compare"))
-    add_config_args(parser)
+    add_config_args(parser, run_name=False)  # folders by preset: reproduce fills one per data set
     parser.set_defaults(config=None)
     parser.add_argument("--faces-config", default="mdp-faces",
                         help="preset of the face half of `reproduce` ('' to skip it); --set applies to both")
     args = parser.parse_args(argv)
     if args.command == "compare":
         args.config = args.config or "mdp-collab"
-        compare(config_from_args(args))
+        cfg = config_from_args(args)
+        compare(cfg)
+        write_provenance(cfg.results_dir() / "mdp" / cfg.name, started, command_line("python -m sim.mdp", argv))
         return
     args.config = args.config or "mdp"
     cfg = config_from_args(args)
@@ -308,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.faces_config:
         faces = config_from_args(argparse.Namespace(**{**vars(args), "config": args.faces_config}))
     reproduce(cfg, faces)
+    for each in [cfg] + ([faces] if faces is not None else []):  # every folder the command filled
+        write_provenance(each.results_dir() / "mdp" / each.name, started, command_line("python -m sim.mdp", argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ artefacts are reused from ``results/artefacts/``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import time
@@ -33,11 +32,20 @@ from entities.dpm import build_dpm
 from entities.entity import Entity
 from entities.files import load_torch, save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
-from entities.pipeline import ArtefactStore, SharedModules, cached_features, load_task, shared_reconstructor, step1
+from entities.pipeline import (
+    ArtefactStore,
+    SharedModules,
+    cached_features,
+    load_task,
+    shared_reconstructor,
+    step1,
+    step1_curves,
+)
+from entities.provenance import command_line, write_provenance
 from entities.reconstructors import RECONSTRUCTORS
-from entities.report import image_grid, write_json, write_table
+from entities.report import image_grid, write_curves, write_json, write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
-from sim.cli import add_config_args, config_from_args, run_main
+from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 
 log = logging.getLogger("poisonpool")
 
@@ -261,22 +269,30 @@ EXPERIMENTS: dict[str, Callable[[Run], None]] = {
 DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
 
 
-def reproduce(cfg: Config, experiments: list[str]) -> dict[str, float]:
-    """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts."""
+def reproduce(cfg: Config, experiments: list[str], name: str | None = None, argv: list[str] | None = None
+              ) -> dict[str, float]:
+    """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts;
+    results go to ``results/reproduce/<name>/`` (default: the preset's name), ``argv`` (the command
+    line) to its provenance."""
     t0 = time.time()
     run = prepare(cfg)
+    if name:
+        run.out_dir = run.out_dir.with_name(name)
     write_json(cfg.to_dict(), run.out_dir / "config.json")
     for name in experiments:
         EXPERIMENTS[name](run)
     figures = {**run.figures, "seconds": time.time() - t0}
     write_json(figures, run.out_dir / "figures.json")
+    write_curves(step1_curves(cfg, run.store) | {"DPM": run.entity.dpm_curve(cfg, run.shared, cfg.data.seed)},
+                 run.out_dir)
+    write_provenance(run.out_dir, t0, command_line("python -m sim.reproduce", argv))
     log.info("done in %.0fs: %s", figures["seconds"],
              ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if k != "seconds"))
     return figures
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sim.reproduce", description=__doc__.split("\n")[0])
+    parser = command_parser("python -m sim.reproduce", __doc__)
     parser.add_argument("experiments", nargs="*", default=list(DEFAULT_EXPERIMENTS),
                         help=f"any of {', '.join(EXPERIMENTS)} (default: {' '.join(DEFAULT_EXPERIMENTS)})")
     add_config_args(parser)
@@ -284,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.experiments) - set(EXPERIMENTS)
     if unknown:
         parser.error(f"unknown experiment(s) {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
-    reproduce(config_from_args(args), args.experiments)
+    cfg = config_from_args(args)
+    reproduce(cfg, args.experiments, run_name(args, cfg.name), argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ running after the run, as with ``flwr run``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from entities.config import parse_overrides
 from sim.app_config import FAILED, config_from_run_config, run_dir
-from sim.cli import add_config_args
+from sim.cli import add_config_args, command_parser
 
 SIM_DIR = Path(__file__).resolve().parent
 OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -97,27 +97,27 @@ def read_run(out: Path, run_id: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__.split("\n")[0])
+    parser = command_parser("python -m sim.run", __doc__)
     add_config_args(parser)
     parser.set_defaults(config="collab")
-    parser.add_argument("--results-root", default="", help="results folder (default: the project's results/)")
-    parser.add_argument("--run-name", default="", help="results go to <results>/flower/<run-name> (default: preset)")
     parser.add_argument("--superlink", default=None,
-                        help="a SuperLink connection in $FLWR_HOME/config.toml (default: local simulation)")
+                        help="a SuperLink connection in $FLWR_HOME/config.toml (default: the local simulation)")
     parser.add_argument("--supernodes", type=int, default=0, help="simulated SuperNodes (default: one per entity)")
     parser.add_argument("--cpus-per-supernode", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds to wait for each step's replies")
     parser.add_argument("--policy", default="", help="the simulated entities' policy file (entities/policy.py; "
                         "default: dpm only, disclosure ceiling 1: measured and reported only)")
     parser.add_argument("--roster", default="", help="'E1=<node id> ...': which authenticated SuperNode is which "
-                        "entity (a deployment with SuperNode authentication; see the README)")
+                        "entity (a deployment with SuperNode authentication, see the README; default: none, "
+                        "each node is the entity it claims)")
     parser.add_argument("--no-stream", action="store_true", help="do not print the run's logs")
     args = parser.parse_args(argv)
 
-    run_config: dict = {"preset": args.config, "overrides": " ".join(args.set), "timeout": args.timeout}
-    if args.results_root:
-        run_config["results-root"] = str(Path(args.results_root).resolve())
-    if args.run_name:
+    # The caller's results root, absolute: the ServerApp runs wherever the SuperLink was started.
+    root = getattr(args, "results_root", None) or parse_overrides(args.set).get("results_root") or "results"
+    run_config: dict = {"preset": args.config, "overrides": " ".join(args.set), "timeout": args.timeout,
+                        "results-root": str(Path(root).resolve())}
+    if getattr(args, "run_name", None):
         run_config["run-name"] = args.run_name
     if args.roster:
         run_config["roster"] = args.roster

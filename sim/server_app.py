@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from entities.attacks.card import find_worst
@@ -30,8 +30,9 @@ from entities.config import Config
 from entities.files import results_lock
 from entities.pipeline import ArtefactStore, entity_names
 from entities.pools import save_pool
+from entities.provenance import write_provenance
 from entities.report import markdown_table, write_json, write_table
-from entities.sharing import AUGMDP, DPM, mode_name, shares_images
+from entities.sharing import get_mode, mode_name
 from sim.app_config import FAILED, config_from_run_config, run_dir, setup_app_logging
 from sim.audit import AuditedGrid
 from strategies.pool_exchange import CollaborationError, CollaborationResult, EntityStatus, PoolExchange
@@ -68,14 +69,15 @@ def main(grid: Grid, context: Context) -> None:
                                     node_wait=float(context.run_config.get("node-wait", 120)), share=share,
                                     roster=parse_roster(str(context.run_config.get("roster", ""))),
                                     max_pool=cfg.collab.max_pool, feature_bound=cfg.collab.feature_bound,
-                                    items_per_image=cfg.mdp.rounds if share == AUGMDP else 1)
+                                    items_per_image=get_mode(share).items_per_image(cfg))
             result = strategy.result
-            strategy.start(audited, timeout=float(context.run_config.get("timeout", 3600)))
+            strategy.start(audited, ArrayRecord(), timeout=float(context.run_config.get("timeout", 3600)))
         except BaseException as err:  # any failure, not only the strategy's own, marks the run failed
             error = str(err) if isinstance(err, CollaborationError) else f"{type(err).__name__}: {err}"
             raise
         finally:
             write_results(stage, cfg, context, result, audited, error, time.time() - t0)
+            write_provenance(stage, t0)
             publish(stage, out, failed=bool(error))
 
 
@@ -142,7 +144,7 @@ def with_worst_case(df: pd.DataFrame, cfg: Config) -> str:
     put its worst case for each attacked entity beside it; returns that report's folder ('' if none)."""
     share = cfg.collab.share
     at = list(df.columns).index("disclosure_ssim") + 1 if "disclosure_ssim" in df.columns else len(df.columns)
-    df.insert(at, "disclosure_by", "ψ only" if share == DPM else "the shared image")
+    df.insert(at, "disclosure_by", get_mode(share).disclosure_by)
     worst = find_worst(cfg, cfg.results_dir()).get(share, {})
     if not worst:
         return ""
@@ -164,7 +166,7 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
     pool_dir = out / "artefacts" / "pools"
     for name, pool in result.pools.items():
         save_pool(pool, pool_dir / f"{name}.pt", {**meta, "entity": name, "feature_shape": list(result.feature_shape),
-                                                   "shape": list(pool.features.shape[1:])})
+                                                   "shape": list(pool.data.shape[1:])})
 
     phases = pd.DataFrame(result.phases, columns=["phase", "seconds"])
     failures = {n: s.failure for n, s in result.entities.items() if s.failure}
@@ -178,7 +180,7 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
     worst = with_worst_case(df, cfg)
     per_image = df["pool_bytes_per_image"].dropna() if "pool_bytes_per_image" in df else pd.Series(dtype=float)
     item_shape = "x".join(map(str, result.image_shape if result.image_shape else result.feature_shape))
-    items = "images" if shares_images(share) else "features"
+    items = get_mode(share).sends
     notes = [
         f"Flower run {context.run_id}: {status} in {seconds:.0f} s (preset `{cfg.name}`, config digest "
         f"{cfg.digest()}, artefact key {store_key}).",

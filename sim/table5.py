@@ -2,7 +2,7 @@
 
     python -m sim.table5 [--rows 1 7 12 fedavg] [--seeds 3] [--config collab] [--set decider.epochs=10]
                          [--sequential | --address auto] [--from-flower results/flower/<run>]
-                         [--partition dirichlet --alpha 0.3] [--share dpm mdp augmdp raw] [--run NAME]
+                         [--partition dirichlet --alpha 0.3] [--share dpm mdp augmdp raw] [--run-name NAME]
 
 Step 1 (Φ pretrained on E1's shard, ψ on Q) and the four private DPMs are made once by one task and
 stored under ``results/artefacts/<key>/``; φ1 features and pools then reach the decider rows through
@@ -18,14 +18,9 @@ use no contribution are computed once and reused by every mode, and ``sharing.md
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import time
-import warnings
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +29,15 @@ import numpy as np
 import pandas as pd
 
 from entities.attacks.card import find_worst
-from entities.config import CollabConfig, Config
-from entities.files import check_run_name, results_lock
-from entities.grid import (
+from entities.config import Config
+from entities.files import results_lock
+from entities.pipeline import entity_shards, load_task
+from entities.provenance import command_line, write_provenance
+from entities.report import write_curves, write_json, write_table
+from entities.sharing import DPM, SHARING_MODES, check_mode, get_mode, mode_name
+from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
+from sim.executors import RayPool, Sequential, start_ray
+from sim.grid import (
     FEDAVG,
     RAW,
     ROW_IDS,
@@ -57,77 +58,28 @@ from entities.grid import (
     row_key,
     select_rows,
 )
-from entities.mdp import describe_pgd
-from entities.pipeline import entity_shards, load_task
-from entities.report import write_json, write_table
-from entities.sharing import DPM, SHARE_MODES, check_mode, mode_name
-from entities.sharing import RAW as RAW_IMAGES
-from sim.cli import add_config_args, config_from_args, run_main, setup_logging
 
 log = logging.getLogger("poisonpool")
 
-PREPARE = "prepare"
+
+@dataclass(frozen=True)
+class Job:
+    """One submitted task: a row at a seed under its key, or (``row`` None) Step 1 and the contributions."""
+
+    row: Row | None = None
+    seed: int = 0
+    key: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"row {self.row.id}" if self.row else "prepare"
+
+
+PREPARE = Job()
 
 
 class GridError(ValueError):
     """Some rows failed; the message names them. Rows that finished are kept for the next run."""
-
-
-class Sequential:
-    """Runs each submitted call in this process, in submission order, when a result is asked for."""
-
-    def __init__(self, threads: int = 0) -> None:
-        self.threads = threads  # 0: torch's default, i.e. every core for one row at a time
-        self._queue: deque = deque()
-
-    def put(self, obj):
-        return obj
-
-    def submit(self, fn: Callable, *args, **kwargs):
-        handle = object()
-        self._queue.append((handle, fn, args, kwargs))
-        return handle
-
-    def next_done(self, pending) -> tuple[object, object, BaseException | None]:
-        handle, fn, args, kwargs = self._queue.popleft()
-        try:
-            return handle, fn(*args, threads=self.threads, **kwargs), None
-        except Exception as err:  # noqa: BLE001 - reported with its row, other rows go on
-            return handle, None, err
-
-
-def _in_worker(fn: Callable, *args, **kwargs):
-    """A task's body: with logging set up, its progress lines reach the driver's console."""
-    setup_logging()
-    # Arrays from Ray's object store are read-only views; rows only read them, so torch's warning
-    # about sharing non-writable memory would be noise on every worker.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    return fn(*args, **kwargs)
-
-
-class RayPool:
-    """Each call a Ray task reserving ``cpus`` CPUs (and as many torch threads); data via ``ray.put``."""
-
-    def __init__(self, cpus: int = 1) -> None:
-        import ray
-
-        self.ray = ray
-        self.threads = cpus
-        self._task = ray.remote(num_cpus=cpus)(_in_worker)
-
-    def put(self, obj):
-        return self.ray.put(obj)
-
-    def submit(self, fn: Callable, *args, **kwargs):
-        label = f"row {args[0].id}" if args and isinstance(args[0], Row) else fn.__name__  # for the dashboard
-        return self._task.options(name=label).remote(fn, *args, threads=self.threads, **kwargs)
-
-    def next_done(self, pending) -> tuple[object, object, BaseException | None]:
-        done, _ = self.ray.wait(list(pending), num_returns=1)
-        try:
-            return done[0], self.ray.get(done[0]), None
-        except self.ray.exceptions.RayTaskError as err:
-            return done[0], None, getattr(err, "cause", None) or err
 
 
 @dataclass
@@ -138,6 +90,7 @@ class GridRun:
     computed: list[tuple[str, int]] = field(default_factory=list)
     reused: list[tuple[str, int]] = field(default_factory=list)
     pool_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # when this run made Step 1's inputs
     seconds: float = 0.0
 
 
@@ -164,44 +117,45 @@ def run_grid(cfg: Config, rows: list[Row], seeds: list[int], executor, run_dir: 
     run = GridRun()
     contributions = contributions_key(cfg, pool_source)
     run.pool_metrics = store.get_contributions(contributions) or {}
-    todo = []
+    todo: list[Job] = []
     for row in rows:
         for seed in seeds:
             key = row_key(row, seed, cfg, pool_source)
             stored = store.get(row, seed, key)
             if stored is None:
-                todo.append((row, seed, key))
+                todo.append(Job(row, seed, key))
             else:
                 run.results[(row.id, seed)] = stored
                 run.reused.append((row.id, seed))
     log.info("Table 5: %d row runs to compute, %d already stored in %s", len(todo), len(run.reused), store.dir)
 
-    pending: dict[object, tuple] = {}
-    later = [job for job in todo if job[0].kind != RAW or reuses_phi(job[0], job[1], cfg)]
+    pending: dict[object, Job] = {}
+    later = [job for job in todo if job.row.kind != RAW or reuses_phi(job.row, job.seed, cfg)]
     if later:  # Step 1 first, so it has a core while raw rows fill the others
-        pending[executor.submit(prepare, cfg, pools)] = (PREPARE,)
-    raw = sorted((job for job in todo if job not in later), key=lambda j: -_raw_cost(j[0], cfg, shards))
+        pending[executor.submit(PREPARE.label, prepare, cfg, pools)] = PREPARE
+    raw = sorted((job for job in todo if job not in later), key=lambda j: -_raw_cost(j.row, cfg, shards))
     if raw:
         images, labels = executor.put(split.S.train_images), executor.put(split.S.train_labels)
         test_x, test_y = executor.put(split.S.test_images), executor.put(split.S.test_labels)
-        for row, seed, key in raw:
-            who = row.uses("raw")[0]
-            handle = executor.submit(raw_row, row, seed, cfg, images, labels, None if who == "S" else shards[who],
-                                     test_x, test_y, num_classes)
-            pending[handle] = (row, seed, key)
+        for job in raw:
+            who = job.row.uses("raw")[0]
+            handle = executor.submit(job.label, raw_row, job.row, job.seed, cfg, images, labels,
+                                     None if who == "S" else shards[who], test_x, test_y, num_classes)
+            pending[handle] = job
 
     failures = []
     while pending:
         handle, result, err = executor.next_done(pending)
         job = pending.pop(handle)
-        if job[0] == PREPARE:
+        if job == PREPARE:
             if err is not None:
-                failures += [(f"Step 1 (needed by rows {', '.join(sorted({j[0].id for j in later}))})", err)]
+                failures += [(f"Step 1 (needed by rows {', '.join(sorted({j.row.id for j in later}))})", err)]
                 continue
             run.pool_metrics = store.put_contributions(contributions, result.pool_metrics)
+            run.curves = result.curves
             pending |= _submit_feature_rows(executor, result, later, cfg, split, shards)
             continue
-        row, seed, key = job
+        row, seed, key = job.row, job.seed, job.key
         if err is not None:
             failures.append((f"row {row.id} seed {seed}", err))
             log.error("row %s seed %d failed: %s", row.id, seed, err)
@@ -232,23 +186,26 @@ def _feature_cost(row: Row, cfg: Config, sizes: dict[str, int]) -> float:
     return 0.0 if row.kind == RAW else n * cfg.decider.epochs
 
 
-def _submit_feature_rows(executor, inputs: GridInputs, jobs: list, cfg: Config, split, shards) -> dict:
+def _submit_feature_rows(executor, inputs: GridInputs, jobs: list[Job], cfg: Config, split, shards
+                         ) -> dict[object, Job]:
     """Once Step 1 is done: each pool, feature set and Φ put into the object store once, then the rows."""
     parts = {f"phi1:{n}": p for n, p in inputs.own.items()} | {f"pool:{n}": p for n, p in inputs.pools.items()}
-    needed = {part for row, _, _ in jobs for part in row.parts if part in parts}
+    needed = {part for job in jobs for part in job.row.parts if part in parts}
     refs = {part: executor.put(parts[part]) for part in needed}
     backbone = executor.put(inputs.backbone)
     test_f, test_y = executor.put(inputs.test_features), executor.put(split.S.test_labels)
     sizes = {part: len(data) for part, data in parts.items()}
     pending = {}
-    for row, seed, key in sorted(jobs, key=lambda job: -_feature_cost(job[0], cfg, sizes)):
+    for job in sorted(jobs, key=lambda job: -_feature_cost(job.row, cfg, sizes)):
+        row = job.row
         if row.kind == RAW:  # row 1 at the first seed: Φ itself
-            handle = executor.submit(phi_row, cfg, backbone, executor.put(split.S.test_images), test_y,
+            handle = executor.submit(job.label, phi_row, cfg, backbone, executor.put(split.S.test_images), test_y,
                                      len(shards[row.uses("raw")[0]]))
         else:
             fn = fedavg_row if row.kind == FEDAVG else feature_row
-            handle = executor.submit(fn, row, seed, cfg, backbone, test_f, test_y, *(refs[p] for p in row.parts))
-        pending[handle] = (row, seed, key)
+            handle = executor.submit(job.label, fn, row, job.seed, cfg, backbone, test_f, test_y,
+                                     *(refs[p] for p in row.parts))
+        pending[handle] = job
     return pending
 
 
@@ -316,6 +273,16 @@ def bar_chart(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def row5_pace(table: pd.DataFrame, cfg: Config) -> str:
+    """Row 5's measured pace when this table has it: what its budget cost here, not a remembered figure."""
+    got = table[table["row"] == "5"]
+    if got.empty or not got["seconds"].iloc[0] > 0:
+        return ""
+    seconds = float(got["seconds"].iloc[0])
+    rate = got["train size"].iloc[0] * cfg.table5.all_epochs / seconds
+    return f" ({seconds:.0f} s when it was computed, {rate:,.0f} training images/s with its evaluation)"
+
+
 def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, run_dir: Path, how: str,
                   suffix: str = "") -> pd.DataFrame:
     """table5{suffix}.md/.csv/.png and the contributions' table pools{suffix}; returns the table."""
@@ -326,13 +293,7 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
     top5 = ", top-5 is 100% by definition" if len(d.task_classes) <= 5 else ""
     sizes = ", ".join(f"E{i + 1} {f:.0%}" for i, f in enumerate(d.shard_fractions))
     partition = f"Dirichlet α = {d.alpha}" if d.partition == "dirichlet" else "iid"
-    if share == DPM:
-        shared = f"poisoned pools of private DPMs ({cfg.dpm.blocks} blocks, λ = {cfg.dpm.lam})"
-    elif share == RAW_IMAGES:
-        shared = "raw images, which the receiver featurizes with φ1 (no privacy: the baseline)"
-    else:
-        shared = (f"{mode_name(share, rounds)} images crafted with Φ ({describe_pgd(cfg.mdp)}), which the "
-                  "receiver featurizes with φ1")
+    shared = get_mode(share).explain(cfg)
     notes = " ".join([
         f"Ours: {d.dataset}, S = classes {d.task_classes} split into {partition} shards {sizes};",
         f"{cfg.backbone.name} pretrained on {cfg.backbone.pretrain_on}'s shard, split at {cfg.backbone.hook};",
@@ -340,9 +301,8 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
         f"Accuracy on S's held-out test split, mean over {len(seeds)} seed(s) {seeds}.",
         f"Rows 1-4 train {cfg.backbone.name} from scratch on the entity's raw images with the recipe Φ was",
         f"pretrained with ({cfg.pretrain.epochs} epochs), so row 1 at the first seed is Φ itself (evaluated,",
-        f"not retrained). Row 5 trains on all of S for only {cfg.table5.all_epochs} epochs: raw-image training",
-        "runs at ~265 img/s on a 2-core CPU and this budget is meant to keep the default grid near 30 minutes",
-        "on 2 idle cores, so row 5 is under-trained compared with the paper's.",
+        f"not retrained). Row 5 trains on all of S for only {cfg.table5.all_epochs} epoch(s){row5_pace(table, cfg)},",
+        "a budget that keeps the grid short, so row 5 is under-trained compared with the paper's.",
         f"Rows 6-12 and all4 refine Φ's φ2 for {cfg.decider.epochs} epochs on cached φ1 features; fedavg is",
         f"Flower's FedAvg of φ2 over E1-E4 on their own features ({cfg.table5.fedavg_rounds} rounds x",
         f"{cfg.table5.fedavg_local_epochs} local epochs).",
@@ -356,6 +316,7 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
                                                                  if suffix else ""), notes)
     if len(table):
         bar_chart(table, run_dir / f"table5{suffix}.png")
+    write_curves(run.curves, run_dir, f"curves{suffix}")
     if run.pool_metrics:
         pools = pd.DataFrame([{"entity": k, **v} for k, v in run.pool_metrics.items()])
         pools[["items_shared", "bytes_per_image"]] = pools[["items_shared", "bytes_per_image"]].round().astype(int)
@@ -387,7 +348,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
                 for k in ("bytes_per_image", "disclosure_ssim", "label_ssim")}
         line = {"shared": mode_name(mode, rounds), "bytes per image": round(mean["bytes_per_image"]),
                 "SSIM(shared, real image it shows)": mean["disclosure_ssim"],
-                "measured by": "ψ only" if mode == DPM else "the shared image",
+                "measured by": get_mode(mode).disclosure_by,
                 "SSIM(shared, real image of its label)": mean["label_ssim"]}
         if worst:
             top = max((w for w in worst.get(mode, {}).values()), key=lambda w: w["disclosure"], default=None)
@@ -410,21 +371,9 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
                        "for DPM pools that is ψ's reconstruction (ψ only). " + attacked)
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> str:
-    """Join the cluster at ``address`` or start a local instance; returns the dashboard URL ('' if none)."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: silence Ray's notice
-    # Ray nices its workers to 15 to keep a busy driver responsive; here the rows are the work and
-    # the driver only waits, so they run at the priority `--sequential` would have.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
-    return ray.init(address=address, **local).dashboard_url or ""
-
-
 def main(argv: list[str] | None = None) -> dict[str, GridRun]:
-    parser = argparse.ArgumentParser(prog="python -m sim.table5", description=__doc__.split("\n")[0])
+    started, command = time.time(), command_line("python -m sim.table5", argv)
+    parser = command_parser("python -m sim.table5", __doc__)
     parser.add_argument("--rows", nargs="*", default=None, metavar="ID", help=f"rows to run (default all): {ROW_IDS}")
     parser.add_argument("--seeds", type=int, default=1, help="repeats with seeds data.seed, data.seed+1, ...")
     parser.add_argument("--sequential", action="store_true", help="run the grid in this process, without Ray")
@@ -433,13 +382,15 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     parser.add_argument("--cpus-per-row", type=int, default=1, help="CPUs (and torch threads) each Ray task reserves")
     parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray instance without dashboard")
     parser.add_argument("--from-flower", type=Path, default=None, metavar="DIR",
-                        help="take the poisoned pools from this `flwr run sim/` results directory")
-    parser.add_argument("--partition", choices=("iid", "dirichlet"), default=None, help="how S is sharded")
-    parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (small = skewed)")
+                        help="take the poisoned pools from this `flwr run sim/` results directory (default: the "
+                             "entities' own DPMs)")
+    parser.add_argument("--partition", choices=("iid", "dirichlet"), default=None,
+                        help="how S is sharded (default: data.partition)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="Dirichlet concentration, small = skewed (default: data.alpha)")
     parser.add_argument("--share", nargs="+", default=None, metavar="MODE",
-                        help=f"what entities share in rows 7-12, one grid per mode: {', '.join(SHARE_MODES)} "
+                        help=f"what entities share in rows 7-12, one grid per mode: {', '.join(SHARING_MODES)} "
                              "(default: collab.share of the config, i.e. dpm, the paper)")
-    parser.add_argument("--run", default=None, help="name of results/table5/<run>/ (default: the preset's name)")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -453,14 +404,14 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
     if args.from_flower is not None and not args.from_flower.is_dir():
         raise ValueError(f"--from-flower {args.from_flower}: no such directory")
     seeds = [cfg.data.seed + i for i in range(args.seeds)]
-    name = args.run or cfg.name + (f"-dirichlet{cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else "")
-    run_dir = cfg.results_dir() / "table5" / check_run_name(name)
+    name = cfg.name + (f"-dirichlet{cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else "")
+    run_dir = cfg.results_dir() / "table5" / run_name(args, name)
 
     modes = [check_mode(m) for m in dict.fromkeys(args.share or [cfg.collab.share])]
     with results_lock(cfg.results_dir()):  # one run per results root: rows and tables are never written twice
         if args.sequential:
             return run_modes(cfg, modes, rows, seeds, Sequential(cfg.threads), "sequential, in one process", run_dir,
-                             args.from_flower)
+                             args.from_flower, (started, command))
         import ray
 
         url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
@@ -468,18 +419,20 @@ def main(argv: list[str] | None = None) -> dict[str, GridRun]:
             print(f"Ray dashboard: http://{url}", flush=True)
         how = f"Ray, {int(ray.cluster_resources().get('CPU', 0))} CPUs, {args.cpus_per_row} per row"
         try:
-            return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower)
+            return run_modes(cfg, modes, rows, seeds, RayPool(args.cpus_per_row), how, run_dir, args.from_flower,
+                             (started, command))
         finally:
             ray.shutdown()
 
 
 def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], executor, how: str, run_dir: Path,
-              flower_dir: Path | None) -> dict[str, GridRun]:
+              flower_dir: Path | None, invocation: tuple[float, list[str]]) -> dict[str, GridRun]:
     """The grid once per sharing mode (rows that share nothing are stored once and reused), the
-    tables of each, and with several modes the table that compares them."""
+    tables of each, with several modes the table that compares them, and the run's provenance
+    (``invocation``: when the command started, and its command line)."""
     runs, tables, metrics = {}, {}, {}
     for mode in modes:
-        cfg_mode = dataclasses.replace(cfg, collab=CollabConfig(share=mode))
+        cfg_mode = dataclasses.replace(cfg, collab=dataclasses.replace(cfg.collab, share=mode))
         suffix = f"-{mode}" if len(modes) > 1 else ""
         runs[mode] = run = run_grid(cfg_mode, rows, seeds, executor, run_dir, flower_dir)
         tables[mode] = write_outputs(cfg_mode, rows, seeds, run, run_dir, how, suffix)
@@ -490,6 +443,7 @@ def run_modes(cfg: Config, modes: list[str], rows: list[Row], seeds: list[int], 
     if len(modes) > 1:
         md = sharing_table(tables, metrics, cfg.mdp.rounds, run_dir, find_worst(cfg, cfg.results_dir()))
         print(md.read_text())
+    write_provenance(run_dir, *invocation)
     return runs
 
 

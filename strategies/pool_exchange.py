@@ -36,18 +36,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from entities.entity import Pool
-from entities.pools import validate_shared
-from entities.sharing import DPM, check_mode, shares_images
+from entities.pools import PoolSpec, SharedPool
+from entities.sharing import DPM, IMAGES, get_mode
 from strategies.records import pack_pool, unpack_pool
 
 log = logging.getLogger("poisonpool")
@@ -84,7 +83,7 @@ class CollaborationResult:
     entities: dict[str, EntityStatus]
     share: str = DPM  # the sharing mode: what the pools hold
     shared: ArrayRecord = field(default_factory=ArrayRecord)
-    pools: dict[str, Pool] = field(default_factory=dict)
+    pools: dict[str, SharedPool] = field(default_factory=dict)
     pool_bytes: dict[str, int] = field(default_factory=dict)
     feature_shape: tuple[int, ...] = ()
     image_shape: tuple[int, ...] = ()  # from the pretrainer's reply; checked in the image modes only
@@ -132,7 +131,8 @@ class PoolExchange(Strategy):
         unknown = sorted(set((roster or {}).values()) - set(entities))
         if unknown:
             raise ValueError(f"roster names {unknown}, which are not among the entities {entities}")
-        self.share = check_mode(share)
+        self.mode = get_mode(share)
+        self.share = self.mode.name
         self.entities = list(entities)
         self.pretrain_on = pretrain_on
         self.num_classes = num_classes
@@ -168,7 +168,7 @@ class PoolExchange(Strategy):
             if server_round == 2:
                 content["shared"] = arrays
             elif server_round == 3:
-                others = Pool.union([self.result.pools[o] for o in targets if o != name])
+                others = SharedPool.union([self.result.pools[o] for o in targets if o != name])
                 content["pool"] = pack_pool(others, self.share)
             messages.append(Message(content=content, dst_node_id=status[name].node_id,
                                     message_type=STEPS[server_round]))
@@ -195,15 +195,16 @@ class PoolExchange(Strategy):
                     if not 0 < scale < float("inf"):
                         raise ValueError(f"published feature scale {scale} is not a positive finite number")
                     self.result.feature_scale = scale
-                    if shares_images(self.share):
+                    if self.mode.sends == IMAGES:
                         self.result.image_shape = tuple(int(d) for d in info["image-shape"])
                     arrays = self.result.shared = content["shared"]  # only once the whole reply checked out
                 elif server_round == 2:
                     pool = unpack_pool(content["pool"], self.share)
                     declared = int(metrics["num-examples"])
-                    validate_shared(name, pool, self.share, self.result.feature_shape, self.result.image_shape,
-                                    self.num_classes, min(self.items_per_image * declared, self.max_pool),
-                                    self.feature_bound * self.result.feature_scale)
+                    self.mode.validate(name, pool, PoolSpec(
+                        self.result.feature_shape, self.num_classes, self.result.image_shape,
+                        max_items=min(self.items_per_image * declared, self.max_pool),
+                        bound=self.feature_bound * self.result.feature_scale))
                     self.result.pools[name] = pool
                     self.result.pool_bytes[name] = content["pool"].count_bytes()
             except (KeyError, TypeError, ValueError) as err:  # PoolError is a ValueError
@@ -224,23 +225,37 @@ class PoolExchange(Strategy):
 
     # --- driving the rounds ---------------------------------------------------------------------
 
-    def start(self, grid: Grid, timeout: float = 3600.0, train_config: ConfigRecord | None = None
-              ) -> CollaborationResult:
-        """Run the introduction round and the three steps; return what the server collected.
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600.0,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's ``Strategy.start`` for the collaboration: the introduction round, then the three
+        steps as train rounds 1-3. Returns Flower's :class:`Result` (the shared modules as ``arrays``, each
+        step's mean metrics in ``train_metrics_clientapp``); everything else the server collected,
+        failures and refusals included, is in :attr:`result`.
 
-        Raises :class:`CollaborationError` when the pretrainer fails or fewer than
-        ``min_healthy`` entities remain; :attr:`result` still holds everything recorded so far.
+        ``initial_arrays`` must be empty and ``num_rounds`` 3: step 1 makes the weights, and the
+        collaboration has exactly three steps. There is no evaluation round (each entity scores its
+        refined decider in step 3), so ``evaluate_config`` and ``evaluate_fn`` must stay unset.
+        Raises :class:`CollaborationError` when the pretrainer fails or fewer than ``min_healthy``
+        entities remain; :attr:`result` still holds everything recorded so far.
         """
+        if len(initial_arrays) or num_rounds != len(STEPS) or evaluate_config or evaluate_fn:
+            raise ValueError(f"PoolExchange runs its {len(STEPS)} steps from no initial arrays and has no evaluation "
+                             f"round: got {len(initial_arrays)} initial arrays, num_rounds={num_rounds}, "
+                             f"evaluate_config={evaluate_config}, evaluate_fn={evaluate_fn}")
         self.summary()
         config = train_config if train_config is not None else ConfigRecord()
+        out = Result()
         with self._phase("connect: wait for SuperNodes and ask which entity each is"):
             self._introduce(grid, timeout)
         with self._phase(f"step 1: {self.pretrain_on} pretrains Φ and trains ψ"):
-            shared, _ = self._round(grid, 1, ArrayRecord(), config, timeout)
+            shared, metrics = self._round(grid, 1, initial_arrays, config, timeout)
         if shared is None:
             raise CollaborationError(f"step 1 failed: {self.pretrain_on} returned no shared modules "
                                      f"({self.result.entities[self.pretrain_on].failure or 'no reply'})")
         log.info("shared modules: %d arrays, %.2f MB", len(shared), shared.count_bytes() / 1e6)
+        out.arrays = shared
+        out.train_metrics_clientapp[1] = metrics
         share = ("every entity trains its private DPM and shares its poisoned pool" if self.share == DPM
                  else f"every entity shares its pool in sharing mode {self.share}")
         for server_round, what in ((2, share),
@@ -250,7 +265,9 @@ class PoolExchange(Strategy):
             log.info("step %d: healthy %s; mean metrics %s", server_round, self.result.healthy(),
                      {k: round(float(v), 4) for k, v in (metrics or {}).items()})
             self._require_healthy(f"step {server_round}")
-        return self.result
+            if metrics is not None:
+                out.train_metrics_clientapp[server_round] = metrics
+        return out
 
     def _round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
                ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -4,11 +4,13 @@ Only two kinds of payload ever cross between an entity and the server: the share
 and ψ of Step 1 (one ``ArrayRecord`` whose keys are prefixed ``phi1.``, ``phi2.`` and ``psi.``) and
 pools, whose content depends on the sharing mode (``collab.share``, :mod:`entities.sharing`):
 
-- ``dpm``: an ``ArrayRecord`` with exactly ``features`` (poisoned features P_k(φ1(S_k)), float32)
-  and ``labels`` (int64). No image crosses in this mode.
-- ``mdp``, ``augmdp``, ``raw``: exactly ``images`` (float32 N x C x H x W in [0, 1]) and ``labels``.
-  These modes share images by design: MDP's modified images, which look like real images of the
-  sender's shard, or the real images themselves (raw, the no-privacy baseline).
+an ``ArrayRecord`` with exactly two arrays, named by what the mode sends
+(:attr:`entities.sharing.base.SharingMode.sends`) and ``labels`` (int64):
+
+- ``dpm``: ``features`` (poisoned features P_k(φ1(S_k)), float32). No image crosses in this mode.
+- ``mdp``, ``augmdp``, ``raw``: ``images`` (float32 N x C x H x W in [0, 1]). These modes share
+  images by design: MDP's modified images, which look like real images of the sender's shard, or
+  the real images themselves (raw, the no-privacy baseline).
 
 Keeping the codec in one module makes that list easy to audit: a DPM has no encoding here, and
 the key names say which kind of pool crossed.
@@ -24,17 +26,17 @@ from flwr.app import Array, ArrayRecord
 
 from entities.backbone import build_backbone
 from entities.config import Config
-from entities.entity import Pool
 from entities.pipeline import SharedModules
+from entities.pools import SharedPool
 from entities.reconstructors import build_reconstructor
-from entities.sharing import shares_images
+from entities.sharing import get_mode
 
 SHARED_PARTS = ("phi1", "phi2", "psi")
 
 
 def pool_keys(mode: str) -> tuple[str, str]:
     """The two arrays of a pool record in this sharing mode: what is shared, and its labels."""
-    return ("images" if shares_images(mode) else "features", "labels")
+    return (get_mode(mode).sends, "labels")
 
 
 def pack_shared(shared: SharedModules) -> ArrayRecord:
@@ -71,18 +73,18 @@ def unpack_shared(record: ArrayRecord, cfg: Config, image_shape: tuple[int, int,
     return SharedModules(backbone, phi1, phi2, psi)
 
 
-def pack_pool(pool: Pool, mode: str) -> ArrayRecord:
+def pack_pool(pool: SharedPool, mode: str) -> ArrayRecord:
     """Features (dpm) or images (other modes) as float32 and labels as int64, nothing else."""
     data, labels = pool_keys(mode)
     return ArrayRecord({
-        data: Array(pool.features.detach().cpu().contiguous().numpy()),
+        data: Array(pool.data.detach().cpu().contiguous().numpy()),
         labels: Array(np.asarray(pool.labels, dtype=np.int64)),
     })
 
 
-def unpack_pool(record: ArrayRecord, mode: str) -> Pool:
+def unpack_pool(record: ArrayRecord, mode: str) -> SharedPool:
     """The pool in a record, as sent (dtype, shape and range are checked by ``entities.pools``, not here)."""
     keys = pool_keys(mode)
     if set(record) != set(keys):
         raise ValueError(f"a pool record in sharing mode {mode!r} holds exactly {keys}, got {sorted(record)}")
-    return Pool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())
+    return SharedPool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())

@@ -22,10 +22,10 @@ from entities.attacks.scoring import gallery_rows, gallery_ssim, score
 from entities.attacks.suite import entity_seed, run_suite
 from entities.config import load_config
 from entities.data import DataError, find_archive
-from entities.entity import Entity, Pool
+from entities.entity import Entity
 from entities.metrics import ssim_per_image
 from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
-from entities.pools import save_pool
+from entities.pools import SharedPool, save_pool
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_json
 from entities.sharing import DPM, contribute
@@ -194,12 +194,12 @@ def test_from_flower_attacks_the_pools_a_flower_run_stored(root):
     for name in ("E1", "E4"):
         entity = Entity(name, split.S.train_images[shards[name]], split.S.train_labels[shards[name]], store)
         sent = contribute(entity, shared, cfg, entity_seed(cfg, name), DPM)
-        pool = Pool(entity.features, sent.labels) if name == "E1" else Pool(sent.data, sent.labels)
+        pool = SharedPool(entity.features, sent.labels) if name == "E1" else sent.pool()
         save_pool(pool, flower / "artefacts" / "pools" / f"{name}.pt", {"store_key": store.key})
     write_json({"share": DPM}, flower / "config.json")
-    own = attack.main(["--attacks", "psi", "--share", DPM, "--run", "own-pools", *settings(root)])
-    theirs = attack.main(["--attacks", "psi", "--share", DPM, "--from-flower", str(flower), "--run", "flower-pools",
-                          *settings(root)])
+    own = attack.main(["--attacks", "psi", "--share", DPM, "--run-name", "own-pools", *settings(root)])
+    theirs = attack.main(["--attacks", "psi", "--share", DPM, "--from-flower", str(flower),
+                          "--run-name", "flower-pools", *settings(root)])
     clean, own, theirs = (c[c["mode"] == m].set_index("victim")["disclosure"]
                           for c, m in ((own, CLEAN), (own, DPM), (theirs, DPM)))
     assert theirs["E4"] == pytest.approx(own["E4"]) and theirs["E1"] == pytest.approx(clean["E1"]) != own["E1"]

@@ -145,6 +145,7 @@ def test_perturbation_registry_keeps_shape_and_changes_features():
         build_perturbation("JPEG")
 
 
+@pytest.mark.slow
 def test_pretraining_killed_mid_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     import numpy as np
 
@@ -201,3 +202,34 @@ def test_set_refuses_a_positional_argument_instead_of_swallowing_it(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--set", "dpm.lam=0.5", "table1"])
     assert "'table1' is not KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["reproduce", "table5", "attack", "run", "mdp"])
+def test_every_command_spells_the_shared_options_alike_and_shows_defaults(command, capsys):
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"sim.{command}").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--results-root DIR" in text and "presets: attack-tiny, collab" in text and "(default: " in text
+    assert ("--run-name NAME" in text) == (command != "mdp")  # mdp's folders are its data sets' presets
+    assert not re.search(r"--run\b(?!-)", text) and "(default: None)" not in text
+
+
+def test_results_root_option_is_the_setting_made_absolute(tmp_path, monkeypatch):
+    import argparse
+
+    from sim.cli import add_config_args, config_from_args, run_name
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args(["--config", "tiny", "--results-root", "out", "--run-name", "x1"]))
+    assert cfg.results_dir() == tmp_path / "out"
+    given = config_from_args(parser.parse_args(["--config", "tiny", "--set", f"results_root={tmp_path}/set"]))
+    assert given.results_dir() == tmp_path / "set"  # --set still counts when the option is absent
+    assert run_name(parser.parse_args(["--run-name", "x1"]), "tiny") == "x1"
+    assert run_name(parser.parse_args([]), "tiny") == "tiny"
+    with pytest.raises(ValueError, match="run-name .* is not a plain folder name"):
+        run_name(parser.parse_args(["--run-name", "../up"]), "tiny")

@@ -68,7 +68,7 @@ def test_dirichlet_shards_are_skewed_compared_to_iid(dataset):
 
 def test_missing_archive_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("POISONPOOL_DATA", str(tmp_path))
-    monkeypatch.setattr(data, "PROJECT_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr(data, "SOURCE_ROOT", tmp_path / "nowhere")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=r"cifar10-jpeg.tar.gz not found .*--data-root"):
         find_archive("cifar10")

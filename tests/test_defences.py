@@ -127,7 +127,7 @@ def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
     root = world[5]
     table = attack.main(["frontier", "--config", "attack-tiny", "--points", "paper DPM", "spatial bottleneck",
                          "raw images", "--attacks", "prior", "psi", "decoder", "transfer",
-                         "--set", f"results_root={root}", "threads=2", *(f"{k}={v}" for k, v in DATA.items())])
+                         "--results-root", str(root), "--set", "threads=2", *(f"{k}={v}" for k, v in DATA.items())])
     run_dir = root / "attack" / "attack-tiny"
     stored = pd.read_csv(run_dir / "frontier.csv")
     assert list(stored["point"]) == ["paper DPM", "raw images", "spatial bottleneck"]

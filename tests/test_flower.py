@@ -21,23 +21,23 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grids import OfflineGrid
 
 from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
-from entities.entity import Pool
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
-from entities.pools import PoolError, load_pool, validate_pool
+from entities.pools import PoolError, PoolSpec, SharedPool, load_pool, validate_features
 from entities.train import extract_features
 from sim import server_app
 from sim.app_config import config_from_run_config
 from sim.audit import array_digest, matching_images
 from sim.certs import main as certs_main
 from sim.client_app import app as client_app
+from sim.grid import InProcessGrid
 from strategies.pool_exchange import CollaborationError
 from strategies.records import SHARED_PARTS, pack_pool
 
@@ -64,50 +64,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process, read from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-            table[int(entry.name)] = (ppid, cmd)
-    return table
-
-
-def with_descendants(pids: list[int]) -> list[int]:
-    table = _proc_table()
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.append(pid)
-            todo += [p for p, (ppid, _) in table.items() if ppid == pid]
-    return out
+def superlinks_on(port: int) -> list[int]:
+    """The managed ``flower-superlink`` processes listening on ``port`` (the one a test started)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "flower-superlink" in cmd and f"--port {port}" in cmd:
+            found.append(proc.pid)
+    return found
 
 
 def stop(pids: list[int], grace: float = 15.0) -> None:
     """SIGTERM the given processes and everything they spawned; SIGKILL what is left after ``grace``."""
-    pids = with_descendants(pids)
+    procs = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid)
+            procs += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        for proc in procs:
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
                 pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+        while time.monotonic() < deadline and any(_alive(p) for p in procs):
             time.sleep(0.2)
 
 
-def _zombie(pid: int) -> bool:
+def _alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie has exited; only its parent's wait is missing)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def sim_run_cmd(results: Path, run_name: str, *extra: str, settings: tuple[str, ...] = ()) -> list[str]:
@@ -132,8 +124,7 @@ def sim_run(results, tmp_path_factory) -> SimpleNamespace:
         proc = subprocess.run(sim_run_cmd(results, "sim"), env=env, cwd=home, capture_output=True, text=True,
                               timeout=900)
     finally:
-        table = _proc_table()
-        stop([pid for pid, (_, cmd) in table.items() if "flower-superlink" in cmd and f"--port {port}" in cmd])
+        stop(superlinks_on(port))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = config_from_run_config({"preset": PRESET, "overrides": " ".join(SETTINGS),
                                   "results-root": str(results)})
@@ -146,6 +137,8 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
     assert run["status"] == "completed" and not run["failures"]
     assert [p[0].split(":")[0] for p in run["phases"]] == ["connect", "step 1", "step 2", "step 3"]
     assert all(seconds > 0 for _, seconds in run["phases"])
+    prov = json.loads((out / "provenance.json").read_text())  # written by the ServerApp, in the Flower process
+    assert prov["wall_seconds"] >= sum(seconds for _, seconds in run["phases"]) and prov["packages"]["flwr"]
     df = pd.read_csv(out / "summary.csv")
     assert list(df["entity"]) == entity_names(cfg) and set(df["status"]) == {"ok"}
     assert df[["top1_original", "top1_refined", "top5_refined"]].apply(lambda c: c.between(0, 100)).all().all()
@@ -167,7 +160,7 @@ def test_simulation_runs_all_steps_and_writes_results(sim_run):
         assert df.set_index("entity").loc[name, "received_images"] == others
         pool, meta = load_pool(out / "artefacts" / "pools" / f"{name}.pt")
         assert meta["store_key"] == ArtefactStore(cfg).key and meta["config_digest"] == cfg.digest()
-        validate_pool(name, pool, FEATURES, len(cfg.data.task_classes))
+        validate_features(name, pool, PoolSpec(FEATURES, len(cfg.data.task_classes)))
         assert np.array_equal(pool.labels, split.S.train_labels[shards[name]])
     assert "Pool per shared image" in (out / "summary.md").read_text()
 
@@ -214,13 +207,13 @@ def test_message_audit_shows_no_dpm_and_no_image_crossing(sim_run):
     split = load_task(cfg)
     idx = entity_shards(cfg, split)["E2"]
     pool, _ = load_pool(out / "artefacts" / "pools" / "E2.pt")
-    assert array_digest(pool.features.numpy()) in digests
+    assert array_digest(pool.data.numpy()) in digests
     original = extract_features(phi1, split.S.train_images[idx])
-    assert (pool.features - original).abs().mean() > 0.05 * original.abs().mean()
+    assert (pool.data - original).abs().mean() > 0.05 * original.abs().mean()
     assert array_digest(split.S.train_images[idx]) not in digests
 
 
-class LocalGrid(OfflineGrid):
+class LocalGrid(InProcessGrid):
     """The real ClientApp called in this process, one Context per node, with faults injected.
 
     ``faults`` maps a partition-id to what its entity does wrong in step 2: ``raise`` (the ClientApp
@@ -303,7 +296,7 @@ def test_failed_entities_are_left_out_and_recorded(sim_run, results):
     # A receiver checks what the server sends it, too: a tampered union of 1e30 values is refused.
     features = torch.rand(10, *FEATURES)
     features[3, 0, 0, 0] = 1e30
-    hostile = Message(RecordDict({"pool": pack_pool(Pool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
+    hostile = Message(RecordDict({"pool": pack_pool(SharedPool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
                       dst_node_id=1000, message_type="train.refine")
     hostile.metadata.__dict__["_message_id"] = "hostile"
     with pytest.raises(PoolError, match="pool received: feature values up to 1e\\+30 in magnitude, above the bound"):
@@ -400,8 +393,8 @@ def test_message_audit_in_the_image_sharing_modes(sim_run, image_runs):
                     assert array_digest(tensor.numpy()) not in digests, f"{mode}: {path.parent.name}'s DPM {name}"
         for name, idx in shards.items():
             pool, meta = load_pool(run.out / "artefacts" / "pools" / f"{name}.pt")
-            assert meta["share"] == mode and array_digest(pool.features.numpy()) in digests  # what crossed
-            shown = matching_images(pool.features.numpy(), split.S.train_images[idx])
+            assert meta["share"] == mode and array_digest(pool.data.numpy()) in digests  # what crossed
+            shown = matching_images(pool.data.numpy(), split.S.train_images[idx])
             if mode == "raw":
                 assert np.array_equal(shown, np.arange(len(idx))), f"raw: {name} sent {len(shown)} real images"
             else:
@@ -492,7 +485,7 @@ def deployment(tmp_path, results) -> SimpleNamespace:
                               intruders=(intruder, plain))
     finally:
         stop([p.pid for p in procs])
-    # A process whose main thread has exited shows as a zombie in /proc while its other threads
+    # A process whose main thread has exited shows as a zombie while its other threads
     # (gRPC) still wind down, so reap each with a bounded wait, not a single poll: one still
     # running after it fails the test with TimeoutExpired.
     for p in procs:

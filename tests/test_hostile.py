@@ -21,12 +21,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grids import OfflineGrid
 
 from entities import data
 from entities.config import load_config, parse_overrides
 from entities.data import DataError, find_archive, load_dataset
-from entities.entity import Pool
 from entities.files import (
     ArtefactError,
     LockedError,
@@ -38,11 +36,13 @@ from entities.files import (
     write_bytes,
 )
 from entities.policy import EntityPolicy, PolicyRefusal, load_policy
-from entities.pools import PoolError, validate_images, validate_pool
+from entities.pools import PoolError, PoolSpec, SharedPool
+from entities.sharing import get_mode
 from sim import server_app
 from sim.client_app import local as client_local
+from sim.grid import InProcessGrid
 from sim.server_app import parse_roster
-from strategies.pool_exchange import CollaborationError, PoolExchange
+from strategies.pool_exchange import CollaborationError, CollaborationResult, PoolExchange
 
 # --- settings, checked when read, every error naming its key --------------------------------------
 
@@ -149,11 +149,11 @@ def test_decoded_image_cache_is_private(tmp_path, monkeypatch):
 SHAPE, CLASSES = (4, 2, 2), 5
 
 
-def _pool(n=6, value=None, labels=None, dtype=torch.float32, shape=SHAPE) -> Pool:
+def _pool(n=6, value=None, labels=None, dtype=torch.float32, shape=SHAPE) -> SharedPool:
     f = torch.rand(n, *shape).to(dtype)
     if value is not None:
         f[0].view(-1)[0] = value
-    return Pool(f, np.arange(n) % CLASSES if labels is None else labels)
+    return SharedPool(f, np.arange(n) % CLASSES if labels is None else labels)
 
 
 BAD_POOLS = [
@@ -170,7 +170,7 @@ BAD_POOLS = [
     ("empty", _pool(n=0, labels=np.zeros(0, dtype=np.int64)), r"0 feature maps but 0 labels"),
     ("float64", _pool(dtype=torch.float64), r"features are torch\.float64, expected torch\.float32"),
     ("wrong-shape", _pool(shape=(4, 1, 1)), r"features of shape \(4, 1, 1\), expected \(4, 2, 2\)"),
-    ("flat", Pool(torch.rand(6), np.arange(6) % 5), r"features of shape \(\), expected"),
+    ("flat", SharedPool(torch.rand(6), np.arange(6) % 5), r"features of shape \(\), expected"),
     ("oversized", _pool(n=40), r"40 feature maps, more than the 10 allowed"),
 ]
 
@@ -178,17 +178,17 @@ BAD_POOLS = [
 @pytest.mark.parametrize("case,pool,message", BAD_POOLS, ids=[c for c, _, _ in BAD_POOLS])
 def test_hostile_pool_is_rejected_with_a_clear_reason(case, pool, message):
     with pytest.raises(PoolError, match=message):
-        validate_pool("E2", pool, SHAPE, CLASSES, max_items=10, bound=10.0)
+        get_mode("dpm").validate("E2", pool, PoolSpec(SHAPE, CLASSES, max_items=10, bound=10.0))
 
 
 def test_honest_pool_within_the_bounds_passes():
-    validate_pool("E2", _pool(n=10), SHAPE, CLASSES, max_items=10, bound=10.0)
+    get_mode("dpm").validate("E2", _pool(n=10), PoolSpec(SHAPE, CLASSES, max_items=10, bound=10.0))
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, 1e30])
 def test_image_pool_outside_unit_range_is_rejected(value):
     with pytest.raises(PoolError, match=r"pixel values must lie in \[0, 1\]"):
-        validate_images("E3", _pool(value=value, shape=(3, 4, 4)), (3, 4, 4), CLASSES)
+        get_mode("raw").validate("E3", _pool(value=value, shape=(3, 4, 4)), PoolSpec(SHAPE, CLASSES, (3, 4, 4)))
 
 
 # --- the entity's own policy --------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def reply(msg: Message, **records) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-class HostileGrid(OfflineGrid):
+class HostileGrid(InProcessGrid):
     """Nodes 100.. answer like honest entities E1..E4 unless ``behaviour`` says otherwise.
 
     ``claims`` maps node -> the entity it claims (default: its own); ``behaviour`` maps node -> what it
@@ -372,15 +372,37 @@ def exchange(**kwargs) -> PoolExchange:
     return PoolExchange(["E1", "E2", "E3", "E4"], "E1", 5, node_wait=0, **kwargs)
 
 
+def collaborate(grid: InProcessGrid, **kwargs) -> CollaborationResult:
+    """Run the strategy as Flower's ``Strategy.start`` would be run; return what the server collected."""
+    strategy = exchange(**kwargs)
+    strategy.start(grid, ArrayRecord())
+    return strategy.result
+
+
+def test_start_has_flowers_strategy_signature_and_returns_its_result():
+    import inspect
+
+    from flwr.serverapp.strategy import Result, Strategy
+
+    ours, theirs = inspect.signature(PoolExchange.start), inspect.signature(Strategy.start)
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()]
+    result = exchange().start(HostileGrid(), ArrayRecord())
+    assert isinstance(result, Result) and set(result.train_metrics_clientapp) == {1, 2, 3}
+    assert any(k.startswith("phi1.") for k in result.arrays)  # the shared modules, what step 1 made
+    assert result.train_metrics_clientapp[3]["top1_refined"] == 50.0
+    with pytest.raises(ValueError, match="num_rounds=5"):
+        exchange().start(HostileGrid(), ArrayRecord(), num_rounds=5)
+
+
 def test_second_node_claiming_an_entity_is_refused_and_the_run_goes_on():
-    strategy = exchange()
-    result = strategy.start(HostileGrid(claims={104: "E2"}, nodes=5))
+    result = collaborate(HostileGrid(claims={104: "E2"}, nodes=5))
     assert result.healthy() == ["E1", "E2", "E3", "E4"] and result.entities["E2"].node_id == 101
     assert result.refused == ["node 104: claims to be E2, already answered for by node 101"]
 
 
 def test_unknown_claim_is_refused_and_recorded():
-    result = exchange().start(HostileGrid(claims={104: "E9"}, nodes=5))
+    result = collaborate(HostileGrid(claims={104: "E9"}, nodes=5))
     assert result.refused == ["node 104: claims to be 'E9', which is not among E1, E2, E3, E4"]
     assert len(result.healthy()) == 4
 
@@ -388,7 +410,7 @@ def test_unknown_claim_is_refused_and_recorded():
 def test_with_a_roster_the_authenticated_node_decides_not_the_claim():
     roster = {100: "E1", 101: "E2", 102: "E3", 103: "E4"}
     # node 102 (E3 by the roster) claims E4 before the real E4 answers; node 104 is not on the roster.
-    result = exchange(roster=roster).start(HostileGrid(claims={102: "E4", 104: "E1"}, nodes=5))
+    result = collaborate(HostileGrid(claims={102: "E4", 104: "E1"}, nodes=5), roster=roster)
     assert result.entities["E4"].node_id == 103 and result.entities["E1"].node_id == 100
     assert "node 102: claims to be E4 but the roster lists it as E3" in result.refused
     assert "node 104: claims to be E1 but the roster lists it as no entity (not an authenticated member)" \
@@ -411,7 +433,7 @@ def test_bad_roster_is_refused(text, message):
     ("refusal", "E3 refuses to send its dpm pool"),
 ])
 def test_hostile_pool_or_refusal_is_recorded_and_the_others_finish(bad, reason):
-    result = exchange().start(HostileGrid(behaviour={102: bad}))
+    result = collaborate(HostileGrid(behaviour={102: bad}))
     assert reason in result.entities["E3"].failure and result.entities["E3"].failure.startswith("step 2:")
     assert result.healthy() == ["E1", "E2", "E4"]
     assert all(s.metrics.get("top1_refined") == 50.0 for s in result.entities.values() if s.healthy)
@@ -420,16 +442,16 @@ def test_hostile_pool_or_refusal_is_recorded_and_the_others_finish(bad, reason):
 def test_pool_above_the_configured_cap_is_rejected_even_if_declared():
     strategy = exchange(max_pool=5)
     with pytest.raises(CollaborationError, match="only 0 healthy entities"):
-        strategy.start(HostileGrid())
+        strategy.start(HostileGrid(), ArrayRecord())
     assert all("6 feature maps, more than the 5 allowed" in s.failure for s in strategy.result.entities.values())
 
 
 def test_pretrainer_without_published_feature_scale_stops_the_run():
     with pytest.raises(CollaborationError, match="step 1 failed: E1 returned no shared modules"):
-        exchange().start(HostileGrid(behaviour={100: "no-scale"}))
+        collaborate(HostileGrid(behaviour={100: "no-scale"}))
 
 
-def run_server(results: Path, grid: OfflineGrid, run_name: str = "hostile", **extra) -> Path:
+def run_server(results: Path, grid: InProcessGrid, run_name: str = "hostile", **extra) -> Path:
     run_config = {"preset": "collab-tiny", "overrides": "threads=1", "results-root": str(results),
                   "run-name": run_name, "timeout": 5, "node-wait": 0, **extra}
     server_app.app(grid, Context(run_id=8, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
@@ -522,6 +544,7 @@ print(entity.dpm_path(cfg, shared, 0))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_dpm_save_loses_nothing_and_the_rerun_completes(tmp_path):
     script = tmp_path / "train_dpm.py"
     script.write_text(TRAIN_DPM)

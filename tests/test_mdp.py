@@ -168,7 +168,9 @@ def test_reproduce_command_writes_tables_and_figure(tmp_path):
     assert t1["data set"].str.contains("CIFAR-10").all() and len(t1) == 1
     assert t1["ours MDP"].between(0, 100).all() and (t1["paper MDP"] == 85.52).all()
     t2 = pd.read_csv(out / "table2.csv")
-    assert list(t2["architecture"]) == ["resnet20 (crafting)", "vgg11-half"]
+    assert list(t2["architecture"]) == ["resnet20", "vgg11-half", "ResNet-50 (paper)", "ResNet-154 (paper)",
+                                        "DenseNet-154 (paper)"]
+    assert t2["paper trained on MDP set"][:2].isna().all() and t2["ours trained on MDP set"][2:].isna().all()
     ssim = pd.read_csv(out / "ssim.csv")
     assert ssim.iloc[0, 1] > 0.95  # 3 PGD steps barely change the selected image
     png = out / "figure4.png"
@@ -199,3 +201,16 @@ def test_compare_command_scores_every_sharing_mode(tmp_path):
     assert df.loc["MDP", "SSIM(shared, image of its label)"] < 0.5
     assert df.loc["AugMDP(2)", "items shared"] == 2 * df.loc["MDP", "items shared"] == 2 * 240
     assert df["E1 top-1 (%)"].between(0, 100).all()
+
+
+def test_table2_pairs_paper_figures_by_architecture_not_by_position():
+    from sim.mdp import table2_frame
+
+    c10 = {"arch": "resnet20", "top1": {"original": 50.0, "MDP": 20.0},
+           "transfer": {"resnet56": {"original": 40.0, "MDP": 15.0}, "resnet154": {"original": 45.0, "MDP": 18.0}}}
+    t2 = table2_frame(c10).set_index("architecture")
+    assert np.isnan(t2.loc["resnet56", "paper trained on MDP set"])  # never beside the paper's ResNet-154
+    assert t2.loc["resnet154", "paper trained on MDP set"] == 86.08 and "ResNet-154 (paper)" not in t2.index
+    assert np.isnan(t2.loc["resnet20", "paper trained on MDP set"])  # crafting, but not the paper's ResNet-50
+    paper_only = t2.loc["ResNet-50 (paper)"]
+    assert paper_only["role"] == "crafting" and np.isnan(paper_only["ours trained on MDP set"])

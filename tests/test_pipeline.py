@@ -49,6 +49,23 @@ def test_reproduce_writes_tables_and_figure(tiny_run):
         assert (out / name).is_file(), name
     assert "paper ResNet101 poisoned" in (out / "table2.md").read_text()
     assert json.loads((out / "figures.json").read_text())["top1_original"] == f["top1_original"]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert len(prov["git"]["commit"]) == 40 and isinstance(prov["git"]["dirty"], bool)  # tests run in a checkout
+    assert prov["precision"] in ("bf16", "fp32") and prov["device"] == "cpu" and prov["cpu"]
+    assert prov["packages"]["torch"] == torch.__version__.split("+")[0] and prov["wall_seconds"] > 0
+    # the curves train.fit returned, one line per epoch and figure, for every model the run trained
+    curves = pd.read_csv(out / "curves.csv")
+    epochs = curves.groupby("model")["epoch"].max().to_dict()
+    assert epochs == {"Φ pretrain (resnet20)": cfg.pretrain.epochs, "ψ (px2s2)": cfg.reconstructor.epochs,
+                      "DPM": cfg.dpm.epochs}
+    assert curves["value"].notna().all() and not curves.duplicated(["model", "epoch", "figure"]).any()
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_provenance_of_an_installed_copy_says_it_has_no_commit():
+    from entities.provenance import git_state
+
+    assert git_state(None) == {"commit": None, "dirty": None, "source": "installed package (no git checkout)"}
 
 
 def test_artefacts_are_reused_and_dpms_stay_private(tiny_run):

@@ -28,10 +28,10 @@ from entities.backbone import build_backbone
 from entities.config import load_config
 from entities.data import DataError, find_archive
 from entities.entity import Pool
-from entities.grid import ROW_IDS, fedavg, prepare
 from entities.pipeline import ArtefactStore, entity_shards, load_task
-from entities.pools import PoolError, save_pool
+from entities.pools import PoolError, SharedPool, save_pool
 from entities.train import train_decider
+from sim.grid import ROW_IDS, fedavg, prepare
 
 try:
     find_archive("cifar10")
@@ -83,6 +83,10 @@ def test_grid_writes_every_row_beside_the_paper(grid, root):
     pools = pd.read_csv(run_dir / "pools.csv")
     assert list(pools["entity"]) == ["E1", "E2", "E3", "E4"] and pools["ssim_pool"].notna().all()
     assert (pools["disclosure_ssim"] >= pools[["ssim_pool", "ssim_pool_inverted"]].max(axis=1) - 1e-6).all()
+    curves = pd.read_csv(run_dir / "curves.csv")
+    assert {f"DPM {e}" for e in n} < set(curves["model"]) and curves["value"].notna().all()
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert "--sequential" in prov["command"] and prov["wall_seconds"] > 0
 
 
 def test_rerun_reuses_every_finished_row(grid, root):
@@ -133,7 +137,8 @@ def flower_dir(root, name: str, cfg, pools: dict[str, Pool], store_key: str):
     (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"store_key": store_key}))
     for entity, pool in pools.items():
-        save_pool(pool, out / "artefacts" / "pools" / f"{entity}.pt", {"store_key": store_key, "entity": entity})
+        save_pool(SharedPool(pool.features, pool.labels), out / "artefacts" / "pools" / f"{entity}.pt",
+                  {"store_key": store_key, "entity": entity})
     return out
 
 

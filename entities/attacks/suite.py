@@ -32,8 +32,8 @@ from entities.pipeline import (
     load_task,
     step1,
 )
-from entities.sharing import DPM, RAW, contribute
-from entities.train import extract_features, infer
+from entities.sharing import DPM, RAW, contribute, get_mode
+from entities.train import infer
 
 log = logging.getLogger("poisonpool")
 
@@ -107,7 +107,7 @@ def victim_target(victim: Entity, mode: str, shared: SharedModules, cfg: Config,
         tag = hashlib.sha1(rows.tobytes()).hexdigest()[:8]
         part = Entity(f"{victim.name}-scored-{tag}", victim.images[rows], victim.labels[rows], victim.store)
     sent = contribute(part, shared, cfg, seed, mode)
-    features = extract_features(shared.phi1, sent.data)
+    features = get_mode(mode).training_pool(sent.pool(), shared.phi1).features
     return (Target(victim.name, mode, features, sent.labels, np.arange(len(sent)), sent.data),
             {"shown": rows[sent.shows], "label": rows[sent.carries]})
 

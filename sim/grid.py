@@ -14,11 +14,17 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from entities import runtime
@@ -26,9 +32,9 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.files import ArtefactError, artefact_key, write_json
-from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
-from entities.pools import PoolError, load_pool, validate_pool
-from entities.sharing import AUGMDP, DPM, MDP, contribute, describe, received_pool
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1, step1_curves
+from entities.pools import PoolError, PoolSpec, load_pool
+from entities.sharing import DPM, get_mode
 from entities.train import evaluate_classifier, pretrain, train_decider
 
 RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"
@@ -61,8 +67,7 @@ class Row:
                 return "raw images S" if who == "S" else f"raw images S{k}"
             if what == "phi1":
                 return f"φ1(S{k})"
-            shared = describe(share, who, rounds)
-            return shared if share == DPM else f"φ1({shared})"  # receivers featurize shared images
+            return get_mode(share).received_text(who, rounds)
 
         text = " ∪ ".join(one(p) for p in self.parts)
         return f"FedAvg of φ2 over {', '.join(self.uses('phi1'))} on own φ1 features" if self.kind == FEDAVG else text
@@ -122,8 +127,7 @@ def contributions_key(cfg: Config, pool_source: str) -> str:
     share = cfg.collab.share
     settings = {"format": ROW_FORMAT, "data": d["data"], "backbone": d["backbone"], "pretrain": d["pretrain"],
                 "pools": pool_source, "share": share}
-    settings |= {"reconstructor": d["reconstructor"], "dpm": d["dpm"]} if share == DPM else {}
-    settings |= {"mdp": d["mdp"]} if share in (MDP, AUGMDP) else {}
+    settings |= get_mode(share).key_settings(d)
     return artefact_key(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
@@ -198,6 +202,7 @@ class GridInputs:
     pools: dict[str, Pool]
     test_features: torch.Tensor
     pool_metrics: dict[str, dict[str, float]]
+    curves: dict[str, list[dict[str, float]]]  # training curves of Φ, ψ and what the contributions trained
 
 
 def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0) -> GridInputs:
@@ -212,18 +217,20 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
     shared = step1(cfg, split, store)
     test_features = cached_features(store, "S-test", shared.phi1, split.S.test_images)
     own, made, metrics = {}, {}, {}
+    curves = step1_curves(cfg, store)
+    mode = get_mode(cfg.collab.share)
     for name, idx in entity_shards(cfg, split).items():
         entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], store)
         own[name] = entity.featurize(shared)
         if pools is None:
-            sent = contribute(entity, shared, cfg, seed=cfg.data.seed)
-            made[name] = received_pool(sent.data, sent.labels, sent.mode, shared.phi1)
+            sent = mode.contribute(entity, shared, cfg, seed=cfg.data.seed)
+            made[name] = mode.training_pool(sent.pool(), shared.phi1)
             metrics[name] = {"items_shared": len(sent), "bytes_per_image": sent.data[0].numel() * 4 * len(sent)
                              // len(entity.labels), "disclosure_ssim": sent.disclosure,
                              "label_ssim": sent.label_disclosure}
-            if sent.mode == DPM:
-                metrics[name] |= entity.pool_metrics(shared, test_features, split.S.test_labels)
-    return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics)
+            metrics[name] |= mode.metrics(entity, shared, test_features, split.S.test_labels)
+            curves |= mode.curves(entity, shared, cfg, cfg.data.seed)
+    return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics, curves)
 
 
 def feature_shape(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:
@@ -243,6 +250,7 @@ def load_flower_pools(run_dir: Path, cfg: Config, names: list[str], labels: dict
     if not (run_dir / "config.json").is_file():
         raise PoolError(f"{run_dir} is not a Flower results directory (no config.json)")
     key = ArtefactStore(cfg).key
+    dpm = get_mode(DPM)  # a Flower run's stored pools are read for DPM runs only (their features are trained on)
     pools, digest = {}, hashlib.sha1()
     for name in names:
         path = run_dir / "artefacts" / "pools" / f"{name}.pt"
@@ -251,12 +259,12 @@ def load_flower_pools(run_dir: Path, cfg: Config, names: list[str], labels: dict
         if theirs != key:
             raise PoolError(f"{run_dir} was made with other Step 1 settings (store key {theirs}, this config "
                             f"has {key}): its pool {path.name} comes from another φ1; rerun with its config")
-        validate_pool(str(path), pool, shape, num_classes)
+        dpm.validate(str(path), pool, PoolSpec(shape, num_classes))
         if len(pool) != len(labels[name]) or not np.array_equal(pool.labels, labels[name]):
             raise PoolError(f"pool {path}: its {len(pool)} labels do not match shard {name} "
                             f"({len(labels[name])} images) of this config")
         digest.update(path.read_bytes())
-        pools[name] = pool
+        pools[name] = dpm.training_pool(pool, phi1=None)
     return pools, digest.hexdigest()[:10]
 
 
@@ -304,29 +312,86 @@ def feature_row(row: Row, seed: int, cfg: Config, backbone: Backbone,
     return _finish(evaluate_classifier(phi2, test_features, test_labels), len(data), t0)
 
 
+class InProcessGrid(Grid):
+    """A Flower Grid whose nodes answer in this process: subclasses implement ``get_node_ids`` and
+    ``send_and_receive``, all a strategy's ``start`` calls. Every other method of Flower's abstract
+    Grid raises, so a code path that reaches one learns it at once (the tests' fault-injecting grids
+    build on it too)."""
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+class _LocalClients(InProcessGrid):
+    """Flower's FedAvg in-process: node k + 1 is client k, and "sending" a train message runs that
+    client's local training here and returns its reply (no SuperLink, no network). Replies come back
+    in node order, so the weighted sum is taken in the same order every run."""
+
+    def __init__(self, train: Callable[[int, Message], Message], clients: int) -> None:
+        self.train = train
+        self.clients = clients
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.clients + 1))
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        return [self.train(m.metadata.dst_node_id - 1, m) for m in ordered]
+
+
+@contextmanager
+def _server_task() -> Iterator[None]:
+    """The run identity a ServerApp process has, which Flower's messages are stamped with; restored after."""
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    if saved[0] is None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 0, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 def fedavg(phi2: nn.Module, clients: list[Pool], cfg: Config, seed: int) -> nn.Module:
-    """Flower's FedAvg of φ2: each client refines it on its own features, the server averages.
+    """Flower's FedAvg of φ2 on the Message API: each client refines it on its own features, the server averages.
 
-    Flower's own strategy does the aggregation in-process (no SuperLink): weights by example
-    count, exactly as a ``flwr run`` would, so the row measures FedAvg and not our rewrite of it.
+    Flower's own strategy (``flwr.serverapp.strategy.FedAvg``, its ``start`` loop) runs in-process over
+    :class:`_LocalClients`: weights by example count, exactly as a ``flwr run`` would, so the row
+    measures FedAvg and not our rewrite of it.
     """
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg
-
-    strategy = FedAvg(fit_metrics_aggregation_fn=lambda metrics: {})
     local_cfg = dataclasses.replace(cfg.decider, epochs=cfg.table5.fedavg_local_epochs)
-    state = phi2.state_dict()
-    for rnd in range(1, cfg.table5.fedavg_rounds + 1):
-        results = []
-        for k, pool in enumerate(clients):
-            local = copy.deepcopy(phi2)
-            train_decider(local, pool.features, pool.labels, local_cfg, seed=seed + 1000 * rnd + k,
-                          what=f"fedavg round {rnd} client {k + 1}")
-            arrays = [v.detach().cpu().numpy() for v in local.state_dict().values()]
-            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), len(pool), {})))
-        params, _ = strategy.aggregate_fit(rnd, results, [])
-        averaged = zip(state.items(), parameters_to_ndarrays(params), strict=True)
-        phi2.load_state_dict({k: torch.as_tensor(a).to(v.dtype) for (k, v), a in averaged})
+    dtypes = {k: v.dtype for k, v in phi2.state_dict().items()}
+
+    def train(k: int, msg: Message) -> Message:
+        rnd = int(msg.content["config"]["server-round"])
+        local = copy.deepcopy(phi2)
+        state = msg.content["arrays"].to_torch_state_dict()
+        local.load_state_dict({name: value.to(dtypes[name]) for name, value in state.items()})
+        pool = clients[k]
+        train_decider(local, pool.features, pool.labels, local_cfg, seed=seed + 1000 * rnd + k,
+                      what=f"fedavg round {rnd} client {k + 1}")
+        arrays = ArrayRecord({name: v.detach().cpu().contiguous() for name, v in local.state_dict().items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": len(pool)})}),
+                       reply_to=msg)
+
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(clients), min_available_nodes=len(clients))
+    initial = ArrayRecord({name: v.detach().cpu().contiguous() for name, v in phi2.state_dict().items()})
+    with _server_task():
+        result = strategy.start(_LocalClients(train, len(clients)), initial, num_rounds=cfg.table5.fedavg_rounds)
+    averaged = result.arrays.to_torch_state_dict()
+    phi2.load_state_dict({name: value.to(dtypes[name]) for name, value in averaged.items()})
     return phi2
 
 
