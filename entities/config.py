@@ -1,4 +1,4 @@
-"""Run settings as dataclasses, read from the presets ``entities/presets/<preset>.toml``.
+"""Run settings as dataclasses, read from the presets ``configs/<preset>.toml``.
 
 One source of truth: ``python -m sim.*`` commands and the Flower app both call :func:`load_config`
 with a preset name and dotted overrides (``pretrain.epochs=3``), so a setting means the same thing
@@ -23,7 +23,7 @@ from entities.files import artefact_key
 from entities.reconstructors import RECONSTRUCTORS
 from entities.runtime import DEVICES, PRECISIONS, key_part
 
-PRESETS = resources.files("entities") / "presets"
+PRESETS = resources.files("configs")
 
 
 def preset_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""Settings of the Flower app: the run config names a preset (``entities/presets/``) plus overrides.
+"""Settings of the Flower app: the run config names a preset (``configs/``) plus overrides.
 
 ``flwr run sim/ --run-config 'preset="collab-tiny" overrides="dpm.lam=0.5 decider.epochs=3"'`` means
 the same as ``--config collab-tiny --set dpm.lam=0.5 decider.epochs=3`` for the ``python -m sim.*``

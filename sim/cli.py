@@ -33,7 +33,7 @@ def add_config_args(parser: argparse.ArgumentParser, run_name: bool = True) -> N
     """The options every command shares. ``--results-root`` and ``--run-name`` are absent from the
     parsed arguments unless given (``argparse.SUPPRESS``), so a ``--set results_root=...`` still counts."""
     parser.add_argument("--config", default="default",
-                        help=f"preset in entities/presets/ or a .toml path; presets: {', '.join(preset_names())}")
+                        help=f"preset in configs/ or a .toml path; presets: {', '.join(preset_names())}")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=override_item,
                         help="override settings, e.g. --set dpm.lam=0.5 pretrain.epochs=3 precision=fp32")
     parser.add_argument("--results-root", default=argparse.SUPPRESS, metavar="DIR",

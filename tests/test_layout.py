@@ -48,7 +48,8 @@ def test_every_preset_ships_as_package_data_and_loads():
 
     names = preset_names()
     assert {"default", "collab", "tiny", "table5-tiny", "collab-tiny"} <= set(names)
-    assert str(PRESETS).startswith(str(LIBRARY))  # inside the package, so `pip install .` carries them
+    # the top-level configs/ the layout fixes, a package so that `pip install .` carries them
+    assert Path(str(PRESETS)) == LIBRARY.parent / "configs" and (Path(str(PRESETS)) / "__init__.py").is_file()
     for name in names:
         assert load_config(name).name == name
 
