@@ -11,7 +11,8 @@ For each point:
 - privacy: every attacker of the suite against the victims' pools in the point's mode, the worst
   case per victim (disclosure SSIM and identification rate, each with the attacker that reached
   it), and ψ's figure beside it, which is only a lower bound;
-- utility: Φ's φ2 on the poisoned test features (the shared φ2 reading the pools of E1-E4's DPMs),
+- utility: Φ's φ2 on the poisoned test features (the shared φ2 reading the pools of E1-E4's DPMs;
+  per entity in the csv, their mean in the table),
   and Table 5's rows 7 (E1 on E2's pool) and 12 (E4 on E1-E3's pools) on the very pools attacked
   (each entity's DPM with the Flower app's seed), as gains over rows 1 and 4 (own raw images).
 
@@ -84,8 +85,14 @@ TARGETS = {"disclosure": 0.10, "identification": 0.05, "top1_drop": 1.0, "E4 gai
 
 
 def point_config(preset: str, overrides: dict[str, str], point: Point) -> Config:
-    """The run's settings with the point's defence settings over them, and its mode as the shared one."""
-    cfg = load_config(preset, {**overrides, **point.settings})
+    """The run's settings with the point's defence settings over them. ``collab.share`` stays the run's:
+    the suite names its modes itself and keys its cells by every setting, so the references reuse the
+    cells of ``python -m sim.attack``; only Table 5's rows share in the point's mode (:func:`shared_in`)."""
+    return load_config(preset, {**overrides, **point.settings})
+
+
+def shared_in(cfg: Config, point: Point) -> Config:
+    """``cfg`` with the point's mode as the collaboration's (DPM for Table 3's X+DPM and the control)."""
     share = point.mode if point.mode in (MDP, AUGMDP, RAW) else DPM
     return replace(cfg, collab=replace(cfg.collab, share=share))
 
@@ -105,11 +112,11 @@ def privacy(cfg: Config, point: Point, store: CellStore, families: list[str]) ->
     return out
 
 
-def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dict[str, Pool], list[float]]:
+def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dict[str, Pool], dict[str, float]]:
     """What E1-E3 send in the point's mode, as a receiver trains on it (the attacked pools: each entity
     with the Flower app's seed), and the shared φ2's top-1 on test features mapped as E1-E4's pools are."""
     test = cached_features(art, "S-test", shared.phi1, split.S.test_images)
-    pools, top1 = {}, []
+    pools, top1 = {}, {}
     for name, idx in shards.items():
         entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], art)
         own = entity.featurize(shared)
@@ -118,7 +125,7 @@ def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dic
             if uses_dpm(point.mode):
                 entity.train_dpm(shared, cfg, seed)
             mapping = recipe(point.mode, entity.dpm)
-            top1.append(evaluate_classifier(nn.Sequential(mapping, shared.phi2), test, split.S.test_labels)["top1"])
+            top1[name] = evaluate_classifier(nn.Sequential(mapping, shared.phi2), test, split.S.test_labels)["top1"]
             if name in SENDERS:
                 pools[name] = Pool(infer(mapping, own.features), entity.labels)
         elif name in SENDERS:
@@ -139,7 +146,7 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
     seed = cfg.data.seed
     out: dict = {"original top-1": original}
     todo = [r for r in ROWS if r.id in FRONTIER_ROWS]
-    results, pools, top1 = {}, None, []
+    results, pools, top1 = {}, None, {}
     for row in todo:
         key = row_key(row, seed, cfg, source)
         stored = rows.get(row, seed, key)
@@ -162,7 +169,8 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
     if point.mode in FEATURE_MODES:
         if not top1:
             _, top1 = pools_of(cfg, point, split, shards, shared, art)
-        out["poisoned top-1"] = float(np.mean(top1))
+        out |= {f"{n} poisoned top-1": t for n, t in top1.items()}
+        out["poisoned top-1"] = float(np.mean(list(top1.values())))
     else:  # receivers featurize shared images with φ1: the shared φ2 reads the test set as it is
         out["poisoned top-1"] = original
     out |= {f"row {r}": results[r] for r in FRONTIER_ROWS}
@@ -179,7 +187,7 @@ def measure(preset: str, overrides: dict[str, str], point: Point, store: CellSto
     line = {"point": point.name, "mode": point.mode, "reference": point.reference,
             "settings": " ".join(f"{k}={v}" for k, v in point.settings.items())}
     line |= privacy(cfg, point, store, families)
-    line |= utility(cfg, point, rows)
+    line |= utility(shared_in(cfg, point), point, rows)
     line["seconds"] = time.time() - t0
     log.info("frontier point %s: %s (%.0fs)", point.name,
              ", ".join(f"{k} {v:.3f}" for k, v in line.items() if isinstance(v, float)), line["seconds"])
@@ -239,7 +247,10 @@ def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, c
                           zip(table[f"{v} disclosure"], table[f"{v} identification"], table[f"{v} by"],
                               table[f"{v} identified by"])] for v in victims},
         **{f"{v} ψ only": table[f"{v} ψ"].round(3) for v in victims},
-        "poisoned top-1": table["poisoned top-1"].round(2),
+        "poisoned top-1 (mean; lowest entity)": [
+            f"{m:.2f}; {lo:.2f}" if np.isfinite(lo) else f"{m:.2f}" for m, lo in
+            zip(table["poisoned top-1"], table.filter(regex=r"^E\d poisoned top-1$").min(axis=1, skipna=True)
+                if table.filter(regex=r"^E\d poisoned top-1$").shape[1] else [np.nan] * len(table))],
         "E1 gain (7 − 1)": table["E1 gain"].round(2),
         "E4 gain (12 − 4)": table["E4 gain"].round(2),
         "settings": table["settings"].replace("", "–"),
