@@ -107,8 +107,9 @@ def privacy(cfg: Config, point: Point, store: CellStore, families: list[str]) ->
         v = w["victim"]
         out |= {f"{v} disclosure": w["disclosure"], f"{v} by": w["attacker"],
                 f"{v} identification": w["identification"], f"{v} identified by": w["identification attacker"]}
-        psi = cells[(cells["victim"] == v) & (cells["attacker"] == "psi") & (cells["status"] == "ok")]
-        out[f"{v} ψ"] = float(psi["disclosure"].iloc[0]) if len(psi) else np.nan
+        for attacker, column in (("psi", "ψ"), ("prior", "prior")):
+            hit = cells[(cells["victim"] == v) & (cells["attacker"] == attacker) & (cells["status"] == "ok")]
+            out[f"{v} {column}"] = float(hit["disclosure"].iloc[0]) if len(hit) else np.nan
     return out
 
 
@@ -256,10 +257,14 @@ def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, c
         "settings": table["settings"].replace("", "–"),
     })
     rows = table.iloc[0]
+    floor = ", ".join(f"{v} {table[f'{v} prior'].max():.3f}" for v in victims if f"{v} prior" in table)
     notes = (
         f"Worst case over the attack suite ({', '.join(ATTACKS)}) by collaborator {cfg.attack.attacker}: disclosure "
         "SSIM · identification rate (chance 1%), with the attacker that reached each. ψ only: the reconstructor the "
-        "paper's DPM trains against, a lower bound on disclosure. Poisoned top-1: the shared φ2 on the test features "
+        "paper's DPM trains against, a lower bound on disclosure. The floor: the `prior` attacker, the mean image of "
+        f"each item's label, scores {floor or 'n/a'} without looking at a pool, so no defence that shares labels "
+        "reads lower, and a worst case at the floor means the pool told the attacker no more than its label. "
+        "Poisoned top-1: the shared φ2 on the test features "
         f"mapped as E1-E4's pools are (original features: {rows['original top-1']:.2f}; image modes: the receiver "
         f"featurizes images, so the original). Gains: Table 5's rows on the attacked pools, row 7 (E1) over row 1 "
         f"({rows['row 1']:.2f}) and row 12 (E4) over row 4 ({rows['row 4']:.2f}). Setting: {cfg.name}, "
