@@ -81,6 +81,7 @@ POINTS: tuple[Point, ...] = (
 POINT_NAMES = tuple(p.name for p in POINTS)
 SENDERS = ("E1", "E2", "E3")  # whose pools rows 7 and 12 train on
 FRONTIER_ROWS = ("1", "4", "7", "12")
+FLOOR_MARGIN = 0.02  # a worst case this close to the prior's figure: the pool adds next to nothing to its label
 TARGETS = {"disclosure": 0.10, "identification": 0.05, "top1_drop": 1.0, "E4 gain": 15.0}
 
 
@@ -231,7 +232,10 @@ def checks(table: pd.DataFrame, victims: list[str]) -> list[str]:
     for _, r in table[~table["reference"].astype(bool)].iterrows():
         d, i = max(r[f"{v} disclosure"] for v in victims), max(r[f"{v} identification"] for v in victims)
         drop = r["original top-1"] - r["poisoned top-1"]
-        ok = {"disclosure ≤ 0.10": d <= TARGETS["disclosure"], "identification ≤ 5%": i <= TARGETS["identification"],
+        floor = max(r.get(f"{v} prior", np.nan) for v in victims)
+        ok = {"disclosure ≤ 0.10": d <= TARGETS["disclosure"],
+              f"disclosure within {FLOOR_MARGIN} of the floor": d <= floor + FLOOR_MARGIN,
+              "identification ≤ 5%": i <= TARGETS["identification"],
               "top-1 within 1 point": drop <= TARGETS["top1_drop"], "E4 gain ≥ +15": r["E4 gain"] >= TARGETS["E4 gain"]}
         shown = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in ok.items())
         lines.append(f"- {r['point']}: worst disclosure {d:.3f}, identification {i:.0%}, top-1 drop {drop:+.2f}, "
