@@ -25,6 +25,7 @@ this frontier, not on ψ alone.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
     table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families) for p in chosen])
-    command = " ".join(command_line("python -m sim.attack frontier", argv))
+    command = shlex.join(command_line("python -m sim.attack frontier", argv))
     write(table, base, victims, run_dir, command, time.time() - started)
     write_provenance(run_dir, started, command_line("python -m sim.attack frontier", argv),
                      name="provenance-frontier.json")
