@@ -139,3 +139,11 @@ def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
         assert line["E1 disclosure"] >= line["E1 ψ"]  # the worst case includes ψ
     text = (run_dir / "frontier.md").read_text()
     assert "spatial bottleneck" in text and "lower bound" in text and (run_dir / "frontier.png").is_file()
+
+
+def test_the_defended_preset_is_the_frontiers_logits_point():
+    """configs/collab-defended.toml recommends what the frontier measured: the two must not drift apart."""
+    from sim.frontier import POINTS, point_config
+
+    point = next(p for p in POINTS if p.name == "logits bottleneck")
+    assert load_config("collab-defended").dpm == point_config("collab", {}, point).dpm
