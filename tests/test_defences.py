@@ -103,6 +103,24 @@ def test_every_objective_trains_and_unknown_terms_are_refused(world):
         load_config("attack-tiny", {"dpm.bottleneck": "pca"})
 
 
+def test_the_adversarial_term_trains_its_decoder_on_the_pairs_it_is_shown(world):
+    """The ``decoder`` term's adversary learns the current pairs: its reconstruction error falls over calls
+    on the same batch (a P trained against an adversary that does not learn beats nobody)."""
+    from entities.decoders import decoder_loss
+    from entities.defences.decoder import AdversaryTerm
+    from entities.train import batch
+
+    _, _, shared, victim, _, _ = world
+    f, x = batch(victim.featurize(shared).features[:64]), batch(victim.images[:64])
+    term = AdversaryTerm(steps=1, lr=3e-3, seed=0)
+    errors = []
+    for _ in range(30):
+        term.loss(f, x)
+        with torch.no_grad():
+            errors.append(decoder_loss(term.decoder(f).float(), x, ssim_weight=1.0)[0].item())
+    assert errors[-1] < 0.8 * errors[0], errors
+
+
 def test_the_paper_objective_keeps_its_artefact_keys(world):
     """Settings at the paper's values stay out of keys, so DPMs stored before them are still found."""
     cfg, _, shared, victim, _, _ = world
