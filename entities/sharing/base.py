@@ -84,7 +84,7 @@ class SharingMode:
         raise NotImplementedError
 
     def key_settings(self, settings: dict) -> dict:
-        """The sections of ``cfg.to_dict()`` a contribution depends on beyond Step 1 (part of its key)."""
+        """The sections of ``cfg.key_dict()`` a contribution depends on beyond Step 1 (part of its key)."""
         return {}
 
     def items_per_image(self, cfg: Config) -> int:
