@@ -205,10 +205,11 @@ def test_set_refuses_a_positional_argument_instead_of_swallowing_it(capsys):
 
 
 @pytest.mark.parametrize("command", ["reproduce", "table5", "attack", "run", "mdp"])
-def test_every_command_spells_the_shared_options_alike_and_shows_defaults(command, capsys):
+def test_every_command_spells_the_shared_options_alike_and_shows_defaults(command, capsys, monkeypatch):
     import importlib
     import re
 
+    monkeypatch.setenv("COLUMNS", "2000")  # one line per option: argparse would wrap inside hyphenated names
     with pytest.raises(SystemExit):
         importlib.import_module(f"sim.{command}").main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
