@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
     table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families) for p in chosen])
-    command = shlex.join(command_line("python -m sim.attack frontier", argv))
+    prog, *given = command_line("python -m sim.attack frontier", argv)
+    command = f"{prog} {shlex.join(given)}".strip()
     write(table, base, victims, run_dir, command, time.time() - started)
     write_provenance(run_dir, started, command_line("python -m sim.attack frontier", argv),
                      name="provenance-frontier.json")
