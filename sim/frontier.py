@@ -221,6 +221,9 @@ def plot(table: pd.DataFrame, victims: list[str], path: Path) -> None:
         ax.set_xlabel(xlabel + " (→ less private)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    priors = table.filter(regex=r" prior$")
+    if priors.shape[1]:
+        axes[0].axvline(float(priors.max().max()), color="black", ls=":", lw=1, label="floor (label only, `prior`)")
     axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
