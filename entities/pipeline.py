@@ -72,9 +72,10 @@ class ArtefactStore:
     decides where an entity keeps its private files. ``private/`` and everything in it is 0700.
     """
 
-    def __init__(self, cfg: Config, root: Path | None = None) -> None:
-        self.key = cfg.digest("data", "backbone", "pretrain")
-        self.root = (root or cfg.results_dir()) / "artefacts" / self.key
+    def __init__(self, cfg: Config, root: Path | None = None,
+                 sections: tuple[str, ...] = ("data", "backbone", "pretrain"), prefix: str = "") -> None:
+        self.key = cfg.digest(*sections)  # Table 4's faces add their own section, under their own prefix
+        self.root = (root or cfg.results_dir()) / "artefacts" / f"{prefix}{self.key}"
 
     def shared(self, name: str) -> Path:
         path = self.root / "shared" / name
