@@ -16,14 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from entities import data
+from entities import data, runtime
 from entities.backbone import build_backbone
 from entities.config import load_config
 from entities.data import load_celeba, split_attributes
+from entities.entity import Entity
 from entities.metrics import average_precision, mean_average_precision
 from entities.obfuscator import DeepObfuscator, Obfuscator, ObfuscatorSettings, train_obfuscator
+from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
 from entities.reconstructors import build_reconstructor
+from entities.sharing import contribute
 from entities.train import extract_features
+from sim.reproduce import reproduce
+from strategies.records import pack_shared, unpack_shared
 
 HAVE_CELEBA = any((root / data.ARCHIVES["celeba"]).is_file() for root in data.data_roots())
 needs_celeba = pytest.mark.skipif(not HAVE_CELEBA, reason="../shared/data/celeba-10k.tar.gz is not present")
@@ -131,8 +136,6 @@ def test_obfuscator_training_keeps_utility_and_fights_its_adversaries():
 
 @needs_celeba
 def test_table4_command_writes_table_and_figure_and_resumes(tmp_path):
-    from sim.reproduce import reproduce
-
     cfg = load_config("table4-tiny", {"results_root": str(tmp_path), "threads": "2"})
     figures = reproduce(cfg, ["table4", "figure7"])
     out = tmp_path / "reproduce" / "table4-tiny"
@@ -148,3 +151,28 @@ def test_table4_command_writes_table_and_figure_and_resumes(tmp_path):
     again = reproduce(cfg, ["table4"])
     assert [p.stat().st_mtime_ns for p in stored] == mtimes  # everything reused, nothing retrained
     assert again["table4"] == figures["table4"]
+
+
+def test_obfuscator_sharing_mode_publishes_one_obfuscator_and_packs_it(tmp_path):
+    """``collab.share = obfuscator`` on the bundled digits: Step 1 publishes the obfuscator, an entity shares
+    O(φ1(S_k)), and the Flower record carries O to receivers (and is refused in another mode)."""
+    cfg = load_config("tiny", {"results_root": str(tmp_path), "threads": "2", "data.dataset": "digits",
+                               "data.max_task_train": "200", "data.max_public_train": "200", "data.max_test": "50",
+                               "pretrain.epochs": "1", "reconstructor.epochs": "1", "table4.obfuscator_epochs": "1",
+                               "collab.share": "obfuscator"})
+    runtime.configure(cfg)
+    split = load_task(cfg)
+    store = ArtefactStore(cfg)
+    shared = step1(cfg, split, store)
+    assert shared.obfuscator is not None and list(store.root.glob("shared/obfuscator-*.pt"))
+    idx = entity_shards(cfg, split)["E1"]
+    entity = Entity("E1", split.S.train_images[idx], split.S.train_labels[idx], store)
+    sent = contribute(entity, shared, cfg, seed=0)
+    own = entity.featurize(shared).features
+    assert sent.mode == "obfuscator" and sent.data.shape == own.shape and not torch.allclose(sent.data, own)
+    received = unpack_shared(pack_shared(shared), cfg, split.S.image_shape)
+    for a, b in zip(received.obfuscator.state_dict().values(), shared.obfuscator.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    dpm_cfg = load_config("tiny", {"data.dataset": "digits", "collab.share": "dpm"})
+    with pytest.raises(ValueError, match="keys outside"):
+        unpack_shared(pack_shared(shared), dpm_cfg, split.S.image_shape)
