@@ -113,6 +113,7 @@ def _obfuscator_run(feats, images, split, phi2, weights: float, epochs: int = 3)
 
 
 @needs_celeba
+@pytest.mark.slow
 def test_obfuscator_training_keeps_utility_and_fights_its_adversaries():
     """On 1,024 real faces: the utility loss falls, and both adversaries' losses (the privacy classifier's BCE,
     the reconstructor's L1) end higher than in the control run with α = β = 0 (same modules, seeds and
@@ -135,6 +136,7 @@ def test_obfuscator_training_keeps_utility_and_fights_its_adversaries():
 
 
 @needs_celeba
+@pytest.mark.slow
 def test_table4_command_writes_table_and_figure_and_resumes(tmp_path):
     cfg = load_config("table4-tiny", {"results_root": str(tmp_path), "threads": "2"})
     figures = reproduce(cfg, ["table4", "figure7"])
@@ -153,6 +155,7 @@ def test_table4_command_writes_table_and_figure_and_resumes(tmp_path):
     assert again["table4"] == figures["table4"]
 
 
+@pytest.mark.slow
 def test_obfuscator_sharing_mode_publishes_one_obfuscator_and_packs_it(tmp_path):
     """``collab.share = obfuscator`` on the bundled digits: Step 1 publishes the obfuscator, an entity shares
     O(φ1(S_k)), and the Flower record carries O to receivers (and is refused in another mode)."""
