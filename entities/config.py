@@ -164,6 +164,29 @@ class AttackConfig:
 
 
 @dataclass
+class Table4Config:
+    """Table 4 and Figure 7 (DeepObfuscator against private DPMs on CelebA faces): their own data and budget.
+
+    CelebA-10k's train split (8,000 faces) is cut into the public set Q and the shards of E1 (the victim,
+    whose held-out faces are scored) and E2 (the collaborator who attacks); Φ and the shared obfuscator
+    are trained on all three, ψ and the attackers' models on the parts their owner holds.
+    """
+
+    image_size: int = 32  # faces centre-cropped and resized to this many pixels (CPU scale)
+    utility_attributes: int = 20  # the first k of the 40 attributes are the task, the rest are private
+    public_images: int = 2000  # |Q|
+    entity_images: int = 3000  # |S1| = |S2|
+    test_images: int = 2000  # E1's held-out faces every column is scored on (0 = the whole test split)
+    obfuscator_blocks: int = 2  # residual blocks of the obfuscator (a DPM-shaped module)
+    obfuscator_init: str = "random"  # or "identity" (see entities/obfuscator.py)
+    obfuscator_epochs: int = 6
+    obfuscator_lr: float = 1e-3
+    privacy_weight: float = 1.0  # α: the obfuscator's pull of the privacy classifier towards chance
+    reconstruction_weight: float = 1.0  # β: the obfuscator's SSIM term against its adversarial reconstructor
+    attacker_epochs: int = 6  # the fresh privacy classifier and the collaborators' decoders
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -176,6 +199,7 @@ class Config:
     table5: Table5Config = field(default_factory=Table5Config)
     collab: CollabConfig = field(default_factory=CollabConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    table4: Table4Config = field(default_factory=Table4Config)
     results_root: str = ""  # empty: results/ in the current directory
     threads: int = 0  # torch threads per process (0 = torch's default)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda: see entities/runtime.py
@@ -300,12 +324,15 @@ _BY_KEY: dict[str, tuple[str, float]] = {
     "data.max_test": (">=", 0), "dpm.blocks": (">=", 1), "mdp.steps": (">=", 0), "mdp.step_size": (">", 0),
     "mdp.p": (">", 0), "mdp.epsilon": (">=", 0), "mdp.rounds": (">=", 1), "mdp.image_size": (">=", 0),
     "table5.fedavg_rounds": (">=", 1), "dpm.adversary_steps": (">=", 1), "dpm.adversary_lr": (">", 0),
+    "table4.image_size": (">=", 16), "table4.utility_attributes": (">=", 1), "table4.public_images": (">=", 1),
+    "table4.entity_images": (">=", 1), "table4.test_images": (">=", 0), "table4.obfuscator_blocks": (">=", 1),
+    "table4.privacy_weight": (">=", 0), "table4.reconstruction_weight": (">=", 0),
     "collab.max_pool": (">=", 1), "collab.feature_bound": (">", 0),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet"), "dpm.init": DPM_INITS, "dpm.utility": DPM_UTILITIES,
     "dpm.bottleneck": DPM_BOTTLENECKS,    "mdp.norm": ("linf", "l2"),
-    "device": DEVICES, "precision": PRECISIONS,
+    "device": DEVICES, "precision": PRECISIONS, "table4.obfuscator_init": DPM_INITS,
     "backbone.name": tuple(BACKBONES), "reconstructor.name": tuple(RECONSTRUCTORS),
 }
 

@@ -233,7 +233,8 @@ def load_face_folder(name: str, data_root=None, size: int = 64, seed: int = 0) -
 
 
 def load_celeba(data_root=None, size: int = 64, seed: int = 0) -> ImageSet:
-    """CelebA-10k: images centre-cropped to a square and resized, labels = attribute 0, all 40 kept."""
+    """CelebA-10k: images centre-cropped to a square and resized, labels = attribute 0, and all 40 attributes
+    (the archive's ±1 read as {0, 1}) with their names on ``train_attributes``/``test_attributes``."""
     archive = find_archive("celeba", data_root)
 
     def build():
@@ -268,6 +269,29 @@ def load_celeba(data_root=None, size: int = 64, seed: int = 0) -> ImageSet:
     names = a["attribute_names"].tolist()
     return _from_arrays("celeba", [f"not {names[0]}", names[0]], a["images"], attrs[:, 0].copy(),
                         attrs, names, seed=seed)
+
+
+@dataclass
+class AttributeSplit:
+    """CelebA's 40 binary attributes as Table 4 uses them: the first ``k`` are the utility task that the
+    features must keep, the remaining ones the private attributes they should hide (Deep Poisoning
+    Sec. 4.2.4, after DeepObfuscator). Matrices are {0, 1} int64 of shape (N, k) and (N, 40 - k)."""
+
+    utility: np.ndarray
+    private: np.ndarray
+    utility_names: list[str]
+    private_names: list[str]
+
+
+def split_attributes(attributes: np.ndarray, names: Sequence[str], utility: int = 20) -> AttributeSplit:
+    """The utility/private split of an (N, A) attribute matrix; ``utility`` must leave both parts non-empty."""
+    if attributes.ndim != 2 or attributes.shape[1] != len(names):
+        raise ValueError(f"attribute matrix of shape {attributes.shape} does not match {len(names)} attribute names")
+    if not 0 < utility < len(names):
+        raise ValueError(f"table4.utility_attributes = {utility}: it must leave utility and private attributes "
+                         f"(1..{len(names) - 1} of {len(names)})")
+    return AttributeSplit(attributes[:, :utility], attributes[:, utility:], list(names[:utility]),
+                          list(names[utility:]))
 
 
 def load_digits_rgb(size: int = 32, seed: int = 0) -> ImageSet:

@@ -88,9 +88,25 @@ def ssim_privacy_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor
     return (direct + inverted).mean()
 
 
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_C: cross-entropy for class labels of shape (N,); binary cross-entropy for {0, 1} attribute
+    targets of shape (N, A), the multi-label task of Table 4, so one DPM recipe serves both."""
+    if labels.ndim == 2:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def task_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy for class labels; the fraction of attributes predicted right for (N, A) targets."""
+    if labels.ndim == 2:
+        return ((logits > 0) == labels.bool()).float().mean().item()
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
 def utility_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor, original: torch.Tensor | None) -> torch.Tensor:
     """What keeps P's output useful: ``labels``, the paper's L_C, cross-entropy of φ2(P(f)) on the
-    labels; or ``distill``, KL(φ2(f) ‖ φ2(P(f))) on φ2's logits for the original features.
+    labels (binary cross-entropy on (N, A) attribute targets, :func:`task_loss`); or ``distill``,
+    KL(φ2(f) ‖ φ2(P(f))) on φ2's logits for the original features.
 
     Cross-entropy rewards P for pushing every item deep into its class (the paper's pools are classified
     better than the features they came from, i.e. collapsed toward class prototypes); distillation asks
@@ -98,7 +114,7 @@ def utility_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor, original
     would learn from the original features.
     """
     if kind == "labels":
-        return F.cross_entropy(logits, labels)
+        return task_loss(logits, labels)
     if kind == "distill":
         if original is None:
             raise ValueError("dpm.utility = distill needs φ2's logits on the original features")

@@ -61,3 +61,28 @@ def disclosure(scores: dict[str, float]) -> float:
     """How much of the image a reconstruction shows: the larger of SSIM(ψ, x) and SSIM(1 − ψ, x),
     since a photographic negative discloses the image as well as a positive does."""
     return max(scores["ssim"], scores["ssim_inverted"])
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Average precision of each column (attribute), shape (A,), in [0, 1]; NaN where a column has no positive.
+
+    AP = mean over the positives of the precision among the items ranked at or above them, items
+    ranked by descending score (ties in the order given: a stable sort, so a result is reproducible).
+    This is the non-interpolated AP of scikit-learn's ``average_precision_score`` for tie-free scores.
+    """
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be (N, A)")
+    order = scores.float().argsort(dim=0, descending=True, stable=True)
+    hits = targets.float().gather(0, order)  # (N, A): 1 where the item at rank r is a positive
+    precision_at = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float32)[:, None]
+    positives = hits.sum(0)
+    ap = (precision_at * hits).sum(0) / positives
+    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """mAP in percent over the attributes that have a positive (Table 4's utility and privacy mAPs)."""
+    ap = average_precision(scores, targets)
+    if torch.isnan(ap).all():
+        raise ValueError("mean average precision: no attribute has a positive item in these targets")
+    return 100.0 * float(ap.nanmean())

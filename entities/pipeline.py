@@ -72,9 +72,10 @@ class ArtefactStore:
     decides where an entity keeps its private files. ``private/`` and everything in it is 0700.
     """
 
-    def __init__(self, cfg: Config, root: Path | None = None) -> None:
-        self.key = cfg.digest("data", "backbone", "pretrain")
-        self.root = (root or cfg.results_dir()) / "artefacts" / self.key
+    def __init__(self, cfg: Config, root: Path | None = None,
+                 sections: tuple[str, ...] = ("data", "backbone", "pretrain"), prefix: str = "") -> None:
+        self.key = cfg.digest(*sections)  # Table 4's faces add their own section, under their own prefix
+        self.root = (root or cfg.results_dir()) / "artefacts" / f"{prefix}{self.key}"
 
     def shared(self, name: str) -> Path:
         path = self.root / "shared" / name
@@ -182,12 +183,15 @@ def reconstructor_path(cfg: Config, store: ArtefactStore, name: str) -> Path:
 
 @dataclass
 class SharedModules:
-    """What Step 1 hands every entity: φ1, φ2 and ψ (fixed), and the full Φ they came from."""
+    """What Step 1 hands every entity: φ1, φ2 and ψ (fixed), and the full Φ they came from, plus
+    ``obfuscator``, the one DeepObfuscator every entity applies in the ``obfuscator`` sharing mode
+    (None in every other mode)."""
 
     backbone: Backbone
     phi1: nn.Sequential
     phi2: nn.Sequential
     psi: Reconstructor
+    obfuscator: nn.Module | None = None
 
 
 def step1_curves(cfg: Config, store: ArtefactStore) -> dict[str, list[dict[str, float]]]:
@@ -197,8 +201,11 @@ def step1_curves(cfg: Config, store: ArtefactStore) -> dict[str, list[dict[str, 
 
 
 def step1(cfg: Config, split: TaskSplit, store: ArtefactStore) -> SharedModules:
-    """Pretrain (or load) Φ, split it at the hook point, train (or load) ψ."""
+    """Pretrain (or load) Φ, split it at the hook point, train (or load) ψ, and whatever else the
+    sharing mode has Step 1's party publish (:meth:`entities.sharing.base.SharingMode.publish`)."""
+    from entities.sharing import get_mode  # the modes build on this module
+
     model = pretrained_backbone(cfg, split, store)
     phi1, phi2 = model.split(cfg.backbone.hook)
     psi = shared_reconstructor(cfg, split, store, phi1)
-    return SharedModules(model, phi1, phi2, psi)
+    return get_mode(cfg.collab.share).publish(cfg, split, store, SharedModules(model, phi1, phi2, psi))

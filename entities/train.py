@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from entities import runtime
 from entities.config import DPMConfig, ReconstructorConfig, TrainConfig
 from entities.defences import build_terms
-from entities.dpm import utility_loss
+from entities.dpm import task_accuracy, task_loss, utility_loss
 from entities.files import save_torch
 from entities.metrics import reconstruction_scores, topk_correct
 
@@ -147,7 +147,8 @@ def freeze(*modules: nn.Module) -> None:
 
 def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int = 0,
              checkpoint: Path | None = None):
-    """Step 1: train Φ with cross-entropy (Eq. 1) on raw images; resumable from ``checkpoint``."""
+    """Step 1: train Φ with cross-entropy (Eq. 1) on raw images; resumable from ``checkpoint``. (N, A)
+    attribute ``labels`` train it multi-label with binary cross-entropy (Table 4)."""
     runtime.current().module(model)
     model.train()
 
@@ -155,8 +156,8 @@ def pretrain(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Trai
         x = to_float(images[idx])
         logits = model(batch(augment(x) if cfg.augment else x)).float()
         y = labels_of(labels[idx])
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        loss = task_loss(logits, y)
+        return loss, {"loss": loss.item(), "acc": task_accuracy(logits, y)}
 
     torch.manual_seed(seed)
     history = fit(model.parameters(), step, len(labels), cfg.epochs, cfg.batch_size, cfg.lr, "pretrain",
@@ -247,7 +248,8 @@ def poison(dpm: nn.Module, features: torch.Tensor, batch_size: int = 1000) -> to
 
 def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
                   seed: int = 0, what: str = "decider"):
-    """Step 3: refine (or train) a decider φ2 on a pool of features, original and poisoned."""
+    """Step 3: refine (or train) a decider φ2 on a pool of features, original and poisoned (multi-label
+    with BCE for (N, A) attribute ``labels``, as Table 4's fresh privacy classifier)."""
     for p in phi2.parameters():
         p.requires_grad_(True)
     runtime.current().module(phi2)
@@ -256,8 +258,8 @@ def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, c
     def step(idx):
         logits = phi2(batch(features[idx])).float()
         y = labels_of(labels[idx])
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        loss = task_loss(logits, y)
+        return loss, {"loss": loss.item(), "acc": task_accuracy(logits, y)}
 
     torch.manual_seed(seed)
     history = fit(phi2.parameters(), step, len(features), cfg.epochs, cfg.batch_size, cfg.lr, what,

@@ -1,15 +1,17 @@
-"""Reproduce Deep Poisoning's Tables 1-3 and Figures 4-6 at CPU scale.
+"""Reproduce Deep Poisoning's Tables 1-4 and Figures 4-7 at CPU scale.
 
     python -m sim.reproduce table1 table2 figure4 [table3 figure5 figure6] [--config default] [--set dpm.lam=0.5]
+    python -m sim.reproduce table4 figure7 --config table4
 
 Pretrains Φ on S, splits it at the hook point, trains ψ on Q and one DPM on S, then scores the
 decider and ψ on the held-out test split of S, from original and from poisoned features.
 ``table3`` adds the stationary perturbation baselines (GN, GF, MF, alone and before the DPM);
 ``figure5`` trains the five other reconstructors of Sec. 4.2.2 as attackers the DPM never saw;
-``figure6`` shows ψ's reconstructions under each of Table 3's operations. Experiments are data
-(:data:`EXPERIMENTS`): each is a function of the one :class:`Run` that :func:`prepare` makes, so
-adding one is a function and a registry line. Files go to ``results/reproduce/<config>/``; shared
-artefacts are reused from ``results/artefacts/``.
+``figure6`` shows ψ's reconstructions under each of Table 3's operations. ``table4`` and ``figure7``
+(:mod:`sim.table4`) compare a shared DeepObfuscator with private DPMs on CelebA faces, on their own
+run. Experiments are data (:data:`EXPERIMENTS`): each is a function of the run its ``prepare`` makes
+(:class:`Run` for Tables 1-3), made once per invocation, so adding one is a function and a registry line.
+Files go to ``results/reproduce/<config>/``; shared artefacts are reused from ``results/artefacts/``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,6 +49,7 @@ from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_curves, write_json, write_table
 from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
+from sim.table4 import figure7, prepare_faces, table4
 
 log = logging.getLogger("poisonpool")
 
@@ -262,32 +266,52 @@ def figure6(run: Run) -> None:
     log.info("wrote %s", png)
 
 
-EXPERIMENTS: dict[str, Callable[[Run], None]] = {
-    "table1": table1, "table2": table2, "figure4": figure4, "table3": table3, "figure5": figure5,
-    "figure6": figure6,
+@dataclass(frozen=True)
+class Experiment:
+    """One table or figure: the run it reads (made once per invocation by ``prepare``, shared by every
+    experiment with the same ``prepare``) and the function that writes it from that run."""
+
+    prepare: Callable[[Config], Any]
+    write: Callable[[Any], None]
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "table1": Experiment(prepare, table1), "table2": Experiment(prepare, table2),
+    "figure4": Experiment(prepare, figure4), "table3": Experiment(prepare, table3),
+    "figure5": Experiment(prepare, figure5), "figure6": Experiment(prepare, figure6),
+    "table4": Experiment(prepare_faces, table4), "figure7": Experiment(prepare_faces, figure7),
 }
 DEFAULT_EXPERIMENTS = ("table1", "table2", "figure4")
 
 
 def reproduce(cfg: Config, experiments: list[str], name: str | None = None, argv: list[str] | None = None
-              ) -> dict[str, float]:
-    """Prepare once, then run each named experiment of :data:`EXPERIMENTS` on the shared artefacts;
+              ) -> dict[str, Any]:
+    """Prepare each run the named experiments of :data:`EXPERIMENTS` need once, then run them on it;
     results go to ``results/reproduce/<name>/`` (default: the preset's name), ``argv`` (the command
     line) to its provenance."""
     t0 = time.time()
-    run = prepare(cfg)
-    if name:
-        run.out_dir = run.out_dir.with_name(name)
-    write_json(cfg.to_dict(), run.out_dir / "config.json")
-    for name in experiments:
-        EXPERIMENTS[name](run)
-    figures = {**run.figures, "seconds": time.time() - t0}
-    write_json(figures, run.out_dir / "figures.json")
-    write_curves(step1_curves(cfg, run.store) | {"DPM": run.entity.dpm_curve(cfg, run.shared, cfg.data.seed)},
-                 run.out_dir)
-    write_provenance(run.out_dir, t0, command_line("python -m sim.reproduce", argv))
+    out_dir = cfg.results_dir() / "reproduce" / (name or cfg.name)
+    runs: dict[Callable[[Config], Any], Any] = {}
+    for experiment in experiments:
+        exp = EXPERIMENTS[experiment]
+        if exp.prepare not in runs:
+            runs[exp.prepare] = exp.prepare(cfg)
+            runs[exp.prepare].out_dir = out_dir
+            write_json(cfg.to_dict(), out_dir / "config.json")
+        exp.write(runs[exp.prepare])
+    figures: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    for run in runs.values():
+        figures |= run.figures
+        if isinstance(run, Run):  # Step 1's and the DPM's training curves; Table 4's modules keep none
+            curves |= step1_curves(cfg, run.store) | {"DPM": run.entity.dpm_curve(cfg, run.shared, cfg.data.seed)}
+    figures["seconds"] = time.time() - t0
+    write_json(figures, out_dir / "figures.json")
+    if curves:
+        write_curves(curves, out_dir)
+    write_provenance(out_dir, t0, command_line("python -m sim.reproduce", argv))
     log.info("done in %.0fs: %s", figures["seconds"],
-             ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if k != "seconds"))
+             ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if isinstance(v, float) and k != "seconds"))
     return figures
 
 

@@ -30,8 +30,10 @@ from entities.pipeline import SharedModules
 from entities.pools import SharedPool
 from entities.reconstructors import build_reconstructor
 from entities.sharing import get_mode
+from entities.sharing.obfuscator import ObfuscatorMode, build_obfuscator
 
 SHARED_PARTS = ("phi1", "phi2", "psi")
+OBFUSCATOR_PART = "obfuscator"  # the shared DeepObfuscator, only in the ``obfuscator`` sharing mode
 
 
 def pool_keys(mode: str) -> tuple[str, str]:
@@ -40,9 +42,10 @@ def pool_keys(mode: str) -> tuple[str, str]:
 
 
 def pack_shared(shared: SharedModules) -> ArrayRecord:
-    """φ1, φ2 and ψ weights in one record, keys prefixed by the part they belong to."""
+    """φ1, φ2 and ψ weights (and the obfuscator's, where Step 1 published one) in one record, keys
+    prefixed by the part they belong to."""
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for part in SHARED_PARTS:
+    for part in SHARED_PARTS + ((OBFUSCATOR_PART,) if shared.obfuscator is not None else ()):
         for key, value in getattr(shared, part).state_dict().items():
             state[f"{part}.{key}"] = value.detach().cpu().contiguous()  # a GPU's or channels_last weights
     return ArrayRecord(state)
@@ -55,11 +58,14 @@ def unpack_shared(record: ArrayRecord, cfg: Config, image_shape: tuple[int, int,
     here with PyTorch's missing/unexpected-keys message instead of training on garbage.
     """
     state = record.to_torch_state_dict()
+    obfuscated = cfg.collab.share == ObfuscatorMode.name
+    expected = SHARED_PARTS + ((OBFUSCATOR_PART,) if obfuscated else ())
     parts = {p: OrderedDict((k[len(p) + 1:], v) for k, v in state.items() if k.startswith(f"{p}."))
-             for p in SHARED_PARTS}
-    unknown = [k for k in state if k.split(".", 1)[0] not in SHARED_PARTS]
+             for p in expected}
+    unknown = [k for k in state if k.split(".", 1)[0] not in expected]
     if unknown:
-        raise ValueError(f"shared-module record has keys outside {SHARED_PARTS}: {unknown[:5]}")
+        raise ValueError(f"shared-module record has keys outside {expected} (collab.share = {cfg.collab.share}): "
+                         f"{unknown[:5]}")
     backbone = build_backbone(cfg.backbone.name, len(cfg.data.task_classes), image_shape[0])
     phi1, phi2 = backbone.split(cfg.backbone.hook)
     phi1.load_state_dict(parts["phi1"])
@@ -70,7 +76,12 @@ def unpack_shared(record: ArrayRecord, cfg: Config, image_shape: tuple[int, int,
     psi = build_reconstructor(cfg.reconstructor.name, feature_shape, image_shape)
     psi.load_state_dict(parts["psi"])
     psi.eval()
-    return SharedModules(backbone, phi1, phi2, psi)
+    obfuscator = None
+    if obfuscated:
+        obfuscator = build_obfuscator(cfg, feature_shape[0])
+        obfuscator.load_state_dict(parts[OBFUSCATOR_PART])  # absent: PyTorch names the missing keys
+        obfuscator.eval()
+    return SharedModules(backbone, phi1, phi2, psi, obfuscator)
 
 
 def pack_pool(pool: SharedPool, mode: str) -> ArrayRecord:

@@ -20,6 +20,7 @@ from entities.pipeline import SharedModules
 from entities.sharing.base import FEATURES, IMAGES, Contribution, SharingMode
 from entities.sharing.dpm import DpmMode
 from entities.sharing.mdp import AugMdpMode, MdpMode
+from entities.sharing.obfuscator import ObfuscatorMode
 from entities.sharing.raw import RawMode
 
 SHARING_MODES: dict[str, SharingMode] = {mode.name: mode for mode in (
@@ -27,6 +28,7 @@ SHARING_MODES: dict[str, SharingMode] = {mode.name: mode for mode in (
     MdpMode(),
     AugMdpMode(),
     RawMode(),
+    ObfuscatorMode(),
 )}
 DPM, MDP, AUGMDP, RAW = DpmMode.name, MdpMode.name, AugMdpMode.name, RawMode.name
 

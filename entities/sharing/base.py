@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from entities.config import Config
+from entities.data import TaskSplit
 from entities.entity import Entity, Pool
-from entities.pipeline import SharedModules
+from entities.pipeline import ArtefactStore, SharedModules
 from entities.pools import PoolSpec, SharedPool, validate_features, validate_images
 from entities.train import extract_features
 
@@ -82,6 +83,11 @@ class SharingMode:
     def contribute(self, entity: Entity, shared: SharedModules, cfg: Config, seed: int) -> Contribution:
         """The entity's contribution, built from its own shard."""
         raise NotImplementedError
+
+    def publish(self, cfg: Config, split: TaskSplit, store: ArtefactStore, shared: SharedModules) -> SharedModules:
+        """What Step 1's party hands every entity in this mode: φ1, φ2 and ψ by default; a mode whose
+        entities share one more module (DeepObfuscator's obfuscator) trains and adds it here."""
+        return shared
 
     def key_settings(self, settings: dict) -> dict:
         """The sections of ``cfg.key_dict()`` a contribution depends on beyond Step 1 (part of its key)."""
