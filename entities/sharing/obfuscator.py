@@ -89,4 +89,6 @@ class ObfuscatorMode(FeatureMode):
         return Contribution(self.name, data, np.asarray(own.labels), shown, shown, rows, rows)
 
     def key_settings(self, settings: dict) -> dict:
-        return {"reconstructor": settings["reconstructor"], "dpm": settings["dpm"], "table4": settings["table4"]}
+        # key_dict leaves [table4] out while it holds its defaults
+        return {"reconstructor": settings["reconstructor"], "dpm": settings["dpm"],
+                "table4": settings.get("table4", {})}
