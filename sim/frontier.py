@@ -127,7 +127,7 @@ def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dic
         if point.mode in FEATURE_MODES:
             if uses_dpm(point.mode):
                 entity.train_dpm(shared, cfg, seed)
-            mapping = recipe(point.mode, entity.dpm)
+            mapping = recipe(point.mode, entity.dpm, obfuscator=shared.obfuscator)
             top1[name] = evaluate_classifier(nn.Sequential(mapping, shared.phi2), test, split.S.test_labels)["top1"]
             if name in SENDERS:
                 pools[name] = Pool(infer(mapping, own.features), entity.labels)

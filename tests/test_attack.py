@@ -222,3 +222,13 @@ def test_optimize_fits_the_features_better_than_its_start():
     assert found.shape == truth.shape and 0 <= found.min() and found.max() <= 1
     with torch.no_grad():
         assert (phi1(found) - features).pow(2).mean() < 0.5 * (phi1(start) - features).pow(2).mean()
+
+
+def test_a_collaborator_reverses_deepobfuscators_shared_obfuscator(root):
+    """Table 4's image-sharing column on the suite: the obfuscator is published, so a collaborator trains a
+    decoder on its own (O(φ1(x)), x) pairs and inverts every pool far better than ψ, which O never saw."""
+    cells = attack.main(["--share", "obfuscator", "--attacks", "psi", "transfer", *settings(root)])
+    mode = cells[(cells["mode"] == "obfuscator") & (cells["status"] == "ok")].set_index(["victim", "attacker"])
+    for victim in ("E1", "E4"):
+        assert mode.loc[(victim, "transfer"), "disclosure"] > mode.loc[(victim, "psi"), "disclosure"] + 0.1, mode
+        assert mode.loc[(victim, "transfer"), "identification"] > 0.5, mode

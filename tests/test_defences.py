@@ -128,6 +128,11 @@ def test_the_paper_objective_keeps_its_artefact_keys(world):
     other = dataclasses.replace(cfg, dpm=dataclasses.replace(cfg.dpm, bottleneck="spatial"))
     assert other.key_dict()["dpm"]["bottleneck"] == "spatial"
     assert victim.dpm_path(cfg, shared, 0) != victim.dpm_path(other, shared, 0)
+    # a section added later stays out whole at its defaults, and a changed value of it is in
+    assert "table4" not in cfg.key_dict()
+    blocks = cfg.table4.obfuscator_blocks + 1
+    faces = dataclasses.replace(cfg, table4=dataclasses.replace(cfg.table4, obfuscator_blocks=blocks))
+    assert faces.key_dict()["table4"] == {"obfuscator_blocks": blocks}
 
 
 def test_bottlenecks_deny_the_own_pairs_attacker_that_inverts_the_papers_dpm(world, paper):

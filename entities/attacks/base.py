@@ -7,7 +7,8 @@ shard with labels and its own private DPM (:class:`Knowledge`). A :class:`Target
 pool as it arrives. The victim's real images are in neither, so no attacker can read them; the
 suite scores what an attacker returns against them afterwards.
 
-Sharing modes under attack: the four of :mod:`entities.sharing`, Table 3's stationary
+Sharing modes under attack: the five of :mod:`entities.sharing` (DeepObfuscator's shared obfuscator
+is published, so its recipe is the real map), Table 3's stationary
 perturbations in front of the DPM (``GN+dpm``, ``GF+dpm``, ``MF+dpm``: the sender perturbs φ1(x)
 before its DPM), and ``clean``, unpoisoned φ1 features: the positive control, on which an attacker
 that fails proves nothing about the defence.
@@ -30,12 +31,14 @@ from entities.files import save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
 from entities.pipeline import SharedModules
 from entities.sharing import AUGMDP, DPM, MDP, RAW, mode_name
+from entities.sharing.obfuscator import ObfuscatorMode
 
 log = logging.getLogger("poisonpool")
 
 CLEAN = "clean"
+OBFUSCATOR = ObfuscatorMode.name
 PERTURBED = tuple(f"{p}+{DPM}" for p in PERTURBATIONS)
-FEATURE_MODES = (CLEAN, DPM, *PERTURBED)
+FEATURE_MODES = (CLEAN, DPM, *PERTURBED, OBFUSCATOR)
 IMAGE_MODES = (MDP, AUGMDP, RAW)
 ATTACK_MODES = (*FEATURE_MODES, *IMAGE_MODES)
 CONTROLS = (CLEAN, RAW)  # modes without any protection: every report has them
@@ -67,15 +70,20 @@ def attack_mode_name(mode: str, rounds: int) -> str:
     return f"{pert}+DPM" if pert else mode_name(mode, rounds)
 
 
-def recipe(mode: str, dpm: nn.Module | None, seed: int = 0) -> nn.Module:
+def recipe(mode: str, dpm: nn.Module | None, seed: int = 0, obfuscator: nn.Module | None = None) -> nn.Module:
     """The published map from φ1(x) to the features a receiver gets in ``mode``, with ``dpm`` standing
     in for the sender's private one: perturbation then DPM, the DPM alone, or the identity (clean
     features, and φ1 of the shared image in the image modes). An attacker rebuilds it with DPMs of
     its own; only the victim can build it with the victim's DPM.
 
     ``seed`` seeds Gaussian noise: the victim's is Table 3's (0), an attacker draws its own noise,
-    since knowing the recipe is not knowing the victim's random draws.
+    since knowing the recipe is not knowing the victim's random draws. ``obfuscator``: the one Step 1
+    published, which every party holds, the whole map in the ``obfuscator`` mode.
     """
+    if mode == OBFUSCATOR:
+        if obfuscator is None:
+            raise ValueError("sharing mode 'obfuscator' needs the published obfuscator (SharedModules.obfuscator)")
+        return obfuscator
     if not uses_dpm(mode):
         return nn.Identity()
     if dpm is None:
@@ -91,7 +99,7 @@ def recipe(mode: str, dpm: nn.Module | None, seed: int = 0) -> nn.Module:
 
 def recipe_tag(mode: str) -> str:
     """Modes whose recipe is the same map share what an attacker trains for them."""
-    return mode if uses_dpm(mode) else "identity"
+    return mode if uses_dpm(mode) or mode == OBFUSCATOR else "identity"
 
 
 @dataclass

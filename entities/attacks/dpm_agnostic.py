@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from entities.attacks.base import CLEAN, FEATURE_MODES, Family, Knowledge, Target, recipe
+from entities.attacks.base import CLEAN, FEATURE_MODES, Family, Knowledge, Target, recipe, uses_dpm
 from entities.attacks.decoder import capped, train_decoder
 from entities.attacks.transfer import own_pairs
 from entities.config import Config
@@ -53,7 +53,7 @@ def agnostic_decoder(know: Knowledge) -> nn.Module:
     def train(model: nn.Module) -> None:
         features, images = own_pairs(know)
         maps = [recipe(CLEAN, None)] + [recipe(m, d, know.seed) for d in recipe_dpms(know) for m in FEATURE_MODES
-                                        if m != CLEAN]
+                                        if uses_dpm(m)]
         share = max(1, (know.cfg.attack.max_pairs or len(features) * len(maps)) // len(maps))
         parts, rows_all = [], []
         for j, m in enumerate(maps):

@@ -62,9 +62,9 @@ def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor:
         g = substitute_map(know, target, f"{target.victim}-{target.mode}-{pool_digest(target)}")
         start = infer(substitute_decoder(know, target), shown)
         model = nn.Sequential(know.shared.phi1, recipe(target.mode, g, know.seed))
-    else:
+    else:  # the published map: the identity, or DeepObfuscator's obfuscator, which every party holds
         start = infer(transfer_decoder(know, target.mode), shown)
-        model = know.shared.phi1
+        model = nn.Sequential(know.shared.phi1, recipe(target.mode, None, know.seed, know.shared.obfuscator))
     return invert(model, shown, start)
 
 

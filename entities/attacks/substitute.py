@@ -60,7 +60,8 @@ def pool_digest(target: Target) -> str:
 def substitute_map(know: Knowledge, target: Target, tag: str) -> nn.Module:
     """G fitted to the victim's pool by class-conditional MMD and φ2's cross-entropy."""
     own, a = know.own, know.cfg.attack
-    inputs = infer(recipe(target.mode, nn.Identity(), know.seed), own.features)  # the recipe's perturbation only
+    published = recipe(target.mode, nn.Identity(), know.seed, know.shared.obfuscator)
+    inputs = infer(published, own.features)  # the recipe's perturbation only
 
     def build() -> nn.Module:
         return copy.deepcopy(own.dpm)
@@ -107,7 +108,8 @@ def substitute_decoder(know: Knowledge, target: Target) -> nn.Module:
     def train(model: nn.Module) -> None:
         features, images = own_pairs(know)
         rows = capped(len(features), know.cfg.attack.max_pairs, know.seed)
-        mapped = infer(nn.Sequential(recipe(target.mode, nn.Identity(), know.seed), g), features[rows])
+        published = recipe(target.mode, nn.Identity(), know.seed, know.shared.obfuscator)
+        mapped = infer(nn.Sequential(published, g), features[rows])
         train_decoder(model, mapped, images[rows], know.cfg.attack, know.seed,
                       f"attack substitute decoder for {target.victim} {target.mode}",
                       epochs=know.cfg.attack.substitute_epochs)

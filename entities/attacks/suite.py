@@ -18,7 +18,16 @@ import numpy as np
 import torch
 
 from entities.attacks import ATTACKS
-from entities.attacks.base import CLEAN, FEATURE_MODES, Knowledge, Target, check_attack_mode, recipe
+from entities.attacks.base import (
+    CLEAN,
+    FEATURE_MODES,
+    OBFUSCATOR,
+    Knowledge,
+    Target,
+    check_attack_mode,
+    recipe,
+    uses_dpm,
+)
 from entities.attacks.card import NOT_APPLICABLE, POOL_SECTIONS, CellStore, cell_key, settings_key
 from entities.attacks.scoring import score
 from entities.config import Config
@@ -95,8 +104,9 @@ def victim_target(victim: Entity, mode: str, shared: SharedModules, cfg: Config,
             features = flower_pool.features if flower_pool is not None else contribute(
                 victim, shared, cfg, seed, DPM).data
         else:
-            victim.train_dpm(shared, cfg, seed)
-            features = infer(recipe(mode, victim.dpm), own)
+            if uses_dpm(mode):
+                victim.train_dpm(shared, cfg, seed)
+            features = infer(recipe(mode, victim.dpm, obfuscator=shared.obfuscator), own)
         return Target(victim.name, mode, features, victim.labels, rows), {"shown": rows}
     if mode == RAW:
         sent = contribute(victim, shared, cfg, seed, RAW)
@@ -123,6 +133,14 @@ def attacker_knowledge(cfg: Config, split, shared: SharedModules, store: Artefac
     public = cached_features(store, "Q-train", shared.phi1, split.Q.train_images)
     return Knowledge(cfg, shared, split.Q.train_images, public, own, settings_key(cfg),
                      settings_key(cfg, without=POOL_SECTIONS))
+
+
+def with_obfuscator(shared: SharedModules, cfg: Config, split, store: ArtefactStore, modes: list[str]) -> SharedModules:
+    """Step 1's modules with DeepObfuscator's published obfuscator when the suite attacks that mode: Step 1
+    publishes it only when the collaboration shares in it, and every party (the attacker too) holds it."""
+    if OBFUSCATOR in modes and shared.obfuscator is None:
+        return get_mode(OBFUSCATOR).publish(cfg, split, store, shared)
+    return shared
 
 
 def _thumbnails(recon: torch.Tensor, truth: np.ndarray, candidates: np.ndarray) -> dict[str, torch.Tensor]:
@@ -170,7 +188,7 @@ def run_suite(cfg: Config, families: list[str], modes: list[str], store: CellSto
                     run.reused.append(key)
                     continue
                 if shared is None:
-                    shared = step1(cfg, split, art)
+                    shared = with_obfuscator(step1(cfg, split, art), cfg, split, art, modes)
                 if target is None:
                     pool = (flower_pools or {}).get(victim_name)
                     target, refs = victim_target(victim, mode, shared, cfg, rows, pool)

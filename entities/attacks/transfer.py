@@ -32,7 +32,7 @@ def transfer_decoder(know: Knowledge, mode: str) -> nn.Module:
     def train(model: nn.Module) -> None:
         features, images = own_pairs(know)
         rows = capped(len(features), know.cfg.attack.max_pairs, know.seed)
-        shared = infer(recipe(mode, know.own.dpm, know.seed), features[rows])
+        shared = infer(recipe(mode, know.own.dpm, know.seed, know.shared.obfuscator), features[rows])
         train_decoder(model, shared, images[rows], know.cfg.attack, know.seed, f"attack transfer {tag}")
 
     return know.trained(f"transfer-{tag}", lambda: build_decoder(know.feature_shape, know.image_shape), train)
