@@ -37,7 +37,7 @@ from torch import nn
 
 from entities import runtime
 from entities.attacks import ATTACKS
-from entities.attacks.base import CLEAN, FEATURE_MODES, PERTURBED, attack_mode_name, recipe, uses_dpm
+from entities.attacks.base import CLEAN, FEATURE_MODES, OBFUSCATOR, PERTURBED, attack_mode_name, recipe, uses_dpm
 from entities.attacks.card import CellStore, worst_cases
 from entities.attacks.suite import check_parties, entity_seed, run_suite
 from entities.config import Config, load_config, parse_overrides
@@ -45,7 +45,7 @@ from entities.entity import Entity, Pool
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
 from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table, write_json
-from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, get_mode
+from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, get_mode
 from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
 from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, row_key
@@ -67,6 +67,7 @@ ADVERSARIAL = {"dpm.privacy": '["psi", "decoder"]', "dpm.lam": "5", "dpm.adversa
 POINTS: tuple[Point, ...] = (
     Point("paper DPM", DPM, reference=True),
     *(Point(attack_mode_name(m, 2), m, reference=True) for m in PERTURBED),
+    Point("DeepObfuscator", OBFUSCATOR, reference=True),
     Point("MDP", MDP, reference=True),
     Point("AugMDP", AUGMDP, reference=True),
     Point("raw images", RAW, reference=True),
@@ -94,8 +95,9 @@ def point_config(preset: str, overrides: dict[str, str], point: Point) -> Config
 
 
 def shared_in(cfg: Config, point: Point) -> Config:
-    """``cfg`` with the point's mode as the collaboration's (DPM for Table 3's X+DPM and the control)."""
-    share = point.mode if point.mode in (MDP, AUGMDP, RAW) else DPM
+    """``cfg`` with the point's mode as the collaboration's (DPM for Table 3's X+DPM and the control), so
+    Step 1 publishes what the mode needs (DeepObfuscator's obfuscator)."""
+    share = point.mode if point.mode in SHARING_MODES else DPM
     return replace(cfg, collab=replace(cfg.collab, share=share))
 
 
