@@ -24,6 +24,7 @@ this frontier, not on ψ alone.
 
 from __future__ import annotations
 
+import io
 import logging
 import shlex
 import time
@@ -42,6 +43,7 @@ from entities.attacks.card import CellStore, worst_cases
 from entities.attacks.suite import check_parties, entity_seed, run_suite
 from entities.config import Config, load_config, parse_overrides
 from entities.entity import Entity, Pool
+from entities.files import write_bytes, write_text
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
 from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table, write_json
@@ -117,13 +119,13 @@ def privacy(cfg: Config, point: Point, store: CellStore, families: list[str]) ->
     return out
 
 
-def pools_of(cfg: Config, point: Point, split, shards, shared, art) -> tuple[dict[str, Pool], dict[str, float]]:
+def pools_of(cfg: Config, point: Point, split, entities: dict[str, Entity], shared, art
+             ) -> tuple[dict[str, Pool], dict[str, float]]:
     """What E1-E3 send in the point's mode, as a receiver trains on it (the attacked pools: each entity
     with the Flower app's seed), and the shared φ2's top-1 on test features mapped as E1-E4's pools are."""
     test = cached_features(art, "S-test", shared.phi1, split.S.test_images)
     pools, top1 = {}, {}
-    for name, idx in shards.items():
-        entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], art)
+    for name, entity in entities.items():
         own = entity.featurize(shared)
         seed = entity_seed(cfg, name)
         if point.mode in FEATURE_MODES:
@@ -151,6 +153,7 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
     seed = cfg.data.seed
     out: dict = {"original top-1": original}
     todo = [r for r in ROWS if r.id in FRONTIER_ROWS]
+    entities = {n: Entity(n, split.S.train_images[i], split.S.train_labels[i], art) for n, i in shards.items()}
     results, pools, top1 = {}, None, {}
     for row in todo:
         key = row_key(row, seed, cfg, source)
@@ -163,9 +166,8 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
                                  split.S.test_images, split.S.test_labels, len(split.S.classes))
             else:
                 if pools is None:
-                    pools, top1 = pools_of(cfg, point, split, shards, shared, art)
-                own = {n: Entity(n, split.S.train_images[i], split.S.train_labels[i], art).featurize(shared)
-                       for n, i in shards.items()}
+                    pools, top1 = pools_of(cfg, point, split, entities, shared, art)
+                own = {n: e.featurize(shared) for n, e in entities.items()}  # φ1 once per entity (cached)
                 parts = {f"phi1:{n}": p for n, p in own.items()} | {f"pool:{n}": p for n, p in pools.items()}
                 result = feature_row(row, seed, cfg, shared.backbone, test, split.S.test_labels,
                                      *(parts[p] for p in row.parts))
@@ -173,7 +175,7 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
         results[row.id] = stored["top1"]
     if point.mode in FEATURE_MODES:
         if not top1:
-            _, top1 = pools_of(cfg, point, split, shards, shared, art)
+            _, top1 = pools_of(cfg, point, split, entities, shared, art)
         out |= {f"{n} poisoned top-1": t for n, t in top1.items()}
         out["poisoned top-1"] = float(np.mean(list(top1.values())))
     else:  # receivers featurize shared images with φ1: the shared φ2 reads the test set as it is
@@ -228,8 +230,10 @@ def plot(table: pd.DataFrame, victims: list[str], path: Path) -> None:
         axes[0].axvline(float(priors.max().max()), color="black", ls=":", lw=1, label="floor (label only, `prior`)")
     axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_bytes(path, buf.getvalue())  # whole or absent, as every results file
 
 
 def checks(table: pd.DataFrame, victims: list[str]) -> list[str]:
@@ -250,7 +254,7 @@ def checks(table: pd.DataFrame, victims: list[str]) -> list[str]:
 
 
 def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, command: str, seconds: float) -> None:
-    table.to_csv(run_dir / "frontier.csv", index=False)
+    write_text(run_dir / "frontier.csv", table.to_csv(index=False))
     shown = pd.DataFrame({
         "point": table["point"],
         "kind": np.where(table["reference"].astype(bool), "reference", "defence"),
@@ -285,7 +289,7 @@ def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, c
     text = (f"# Privacy-utility frontier: {cfg.name}\n\n{markdown_table(shown)}\n\n{notes}\n\n{figure_line}\n\n"
             "Targets (issue 13), per defence:\n\n" + "\n".join(checks(table, victims)) +
             f"\n\nCommand: `{command}`, {seconds:.0f} s for this invocation.\n")
-    (run_dir / "frontier.md").write_text(text)
+    write_text(run_dir / "frontier.md", text)
     write_json({"points": table.to_dict("records")}, run_dir / "frontier.json")
     plot(table, victims, run_dir / "frontier.png")
 
