@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -172,7 +174,7 @@ def test_reproduce_command_writes_tables_and_figure(tmp_path):
                                         "DenseNet-154 (paper)"]
     assert t2["paper trained on MDP set"][:2].isna().all() and t2["ours trained on MDP set"][2:].isna().all()
     ssim = pd.read_csv(out / "ssim.csv")
-    assert ssim.iloc[0, 1] > 0.95  # 3 PGD steps barely change the selected image
+    assert ssim["ours SSIM(selected, modified), MDP"][0] > 0.95  # 3 PGD steps barely change the selected image
     png = out / "figure4.png"
     assert png.is_file() and png.stat().st_size < 1_000_000
     with pytest.raises(MDPError, match="other settings"):  # same store, changed PGD settings
@@ -206,11 +208,74 @@ def test_compare_command_scores_every_sharing_mode(tmp_path):
 def test_table2_pairs_paper_figures_by_architecture_not_by_position():
     from sim.mdp import table2_frame
 
-    c10 = {"arch": "resnet20", "top1": {"original": 50.0, "MDP": 20.0},
-           "transfer": {"resnet56": {"original": 40.0, "MDP": 15.0}, "resnet154": {"original": 45.0, "MDP": 18.0}}}
-    t2 = table2_frame(c10).set_index("architecture")
+    readings = {"linf": {"pgd": "ℓ∞", "top1": {"MDP": 20.0}}, "l2": {"pgd": "ℓ2", "top1": {"MDP": 30.0}}}
+    c10 = {"dataset": "cifar10", "arch": "resnet20", "original_top1": 50.0, "readings": readings,
+           "crafter": {"top1": 90.0},
+           "transfer": {"resnet56": {"original": 40.0, "linf": 15.0, "l2": 10.0},
+                        "resnet154": {"original": 45.0, "linf": 18.0, "l2": 9.0}}}
+    t2 = table2_frame(c10)
+    assert list(t2["PGD"][:6]) == ["ℓ∞", "ℓ2"] * 3  # one row per architecture and reading
+    t2 = t2[t2["PGD"] != "ℓ2"].set_index("architecture")
     assert np.isnan(t2.loc["resnet56", "paper trained on MDP set"])  # never beside the paper's ResNet-154
     assert t2.loc["resnet154", "paper trained on MDP set"] == 86.08 and "ResNet-154 (paper)" not in t2.index
     assert np.isnan(t2.loc["resnet20", "paper trained on MDP set"])  # crafting, but not the paper's ResNet-50
+    assert t2.loc["resnet56", "ours retained (%)"] == pytest.approx(100 * 15 / 40)
     paper_only = t2.loc["ResNet-50 (paper)"]
     assert paper_only["role"] == "crafting" and np.isnan(paper_only["ours trained on MDP set"])
+    faces = table2_frame({**c10, "dataset": "lfw", "transfer": {}})
+    assert "IR-152 (paper)" in set(faces["architecture"])  # faces meet the paper's face column
+
+
+def test_full_preset_is_the_issues_scale_and_pairs_its_faces():
+    from entities.config import load_config
+    from sim.mdp import crafter_key, readings
+
+    full = load_config("mdp-full")
+    assert full.mdp.crafter == "all" and full.crafter.images == 0  # f learns all 50,000 training images
+    assert full.data.max_task_train >= 10_000 and full.data.max_test == 0 and full.data.public_classes == []
+    assert [r.mdp.norm for r in readings(full)] == ["linf", "l2"] and all(not r.mdp.readings for r in readings(full))
+    assert any(a.startswith("resnet") for a in full.mdp.transfer) and "vgg11-half" in full.mdp.transfer
+    faces = load_config("mdp-full-faces")
+    assert faces.data.dataset == "lfw" and faces.data.max_task_train == 0 and faces.mdp.readings == ["linf", "l2"]
+    # f's key holds what f learns from, never D: every D and test cap reuses the one model
+    assert crafter_key(full) == crafter_key(load_config("mdp-full", {"data.max_task_train": 2000, "data.max_test": 9}))
+    assert crafter_key(full) != crafter_key(load_config("mdp-full", {"crafter.epochs": 39}))
+    assert crafter_key(full) != crafter_key(load_config("mdp-full", {"data.seed": 1}))
+    with pytest.raises(ValueError, match="mdp.readings"):
+        load_config("mdp-full", {"mdp.readings": ["linf", "l3"]})
+
+
+def test_reproduce_crafts_with_a_model_of_more_images_under_both_readings(tmp_path, monkeypatch):
+    """f trained on 600 training images (not D's 120) crafts both readings' sets; ``scale`` then
+    finds every model ``reproduce`` stored, so its figures for that cell are Table 1's."""
+    _need_archive()
+    import pandas as pd
+
+    import sim.mdp as mdp
+
+    args = ["--config", "mdp-tiny", "--faces-config", "", "--set", "threads=1", "mdp.crafter=all",
+            "crafter.images=600", "crafter.epochs=2", 'mdp.readings=["linf", "l2"]', f"results_root={tmp_path}"]
+    mdp.main(["reproduce", *args])
+    out = tmp_path / "mdp" / "mdp-tiny"
+    figures = json.loads((out / "figures.json").read_text())["figures"]
+    assert figures["crafter"]["trained_on"] == "all" and figures["crafter"]["images"] == 600
+    t1 = pd.read_csv(out / "table1.csv")
+    assert len(t1) == 2 and t1["PGD"].str.contains("ℓ∞").sum() == 1 and t1["PGD"].str.contains("ℓ2").sum() == 1
+    assert (t1["crafting top-1"] == figures["crafter"]["top1"]).all()
+    assert t1["crafting model"].str.contains("600 training images").all()
+    assert np.allclose(t1["ours MDP retained (%)"], 100 * t1["ours MDP"] / t1["ours original"])
+    linf, l2 = (figures["readings"][n] for n in ("linf", "l2"))
+    assert linf["max_abs_change"] <= 3 * 0.1 / 255 + 1e-3 < l2["max_abs_change"]  # each reading's own PGD
+    assert (out / "figure4-linf.png").is_file() and (out / "figure4-l2.png").is_file()
+    t2 = pd.read_csv(out / "table2.csv")
+    assert (t2["architecture"] == "vgg11-half").sum() == 2  # one transfer row per reading
+
+    monkeypatch.setattr(mdp, "SCALE_GRID", [(60, "D"), (60, "all"), (0, "D"), (0, "all")])
+    mdp.main(["scale", *args])
+    scale = pd.read_csv(out / "scale.csv")
+    assert list(scale["D images"]) == [60, 60, 120, 120] * 2
+    cell = scale[(scale["D images"] == 120) & scale["crafting model"].str.contains("600")]
+    for _, row in cell.iterrows():
+        assert row["ours MDP"] == t1.set_index("PGD").loc[row["PGD"], "ours MDP"]
+        assert row["ours original"] == t1["ours original"][0]
+    assert (scale["retained gain over the first row (points)"][[0, 4]] == 0).all()
