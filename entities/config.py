@@ -137,7 +137,7 @@ class CrafterConfig(TrainConfig):
     that has seen 2,000 images has little to transfer. Stored once per data set and recipe, whatever
     D is, so every later run and subset reuses it."""
 
-    epochs: int = 40
+    epochs: int = 60
     images: int = 0  # a seeded subset of that many of those images (0 = all of them), for small-scale tests
 
 
