@@ -43,10 +43,11 @@ from entities.pipeline import (
     entity_shards,
     history_path,
     load_task,
+    read_history,
     step1,
 )
 from entities.provenance import command_line, write_provenance
-from entities.report import image_grid, write_json, write_table
+from entities.report import image_grid, write_curves, write_json, write_table
 from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode
 from entities.train import evaluate_classifier, pretrain, to_float
 from sim.cli import add_config_args, command_parser, config_from_args, run_main
@@ -103,6 +104,7 @@ class Crafter:
     epochs: int
     key: str  # "" for f = the model of D; else the key its MDP sets and models are stored under
     arch: str
+    history: list[dict]  # its training curve
 
     def describe(self) -> str:
         where = "D itself" if self.trained_on == "D" else f"{self.images:,} training images"
@@ -137,7 +139,9 @@ def crafting_model(cfg: Config, split: TaskSplit, store: MDPStore) -> Crafter:
     if cfg.mdp.crafter == "D":
         model = trained_model(cfg, store, cfg.backbone.name, "original", S.train_images, S.train_labels,
                               len(S.classes), cfg.digest("pretrain"))
-        return Crafter(model, "D", len(S.train_labels), cfg.pretrain.epochs, "", cfg.backbone.name)
+        path = store.shared(f"mdp-model-{cfg.backbone.name}-original-{cfg.digest('pretrain')}.pt")
+        return Crafter(model, "D", len(S.train_labels), cfg.pretrain.epochs, "", cfg.backbone.name,
+                       read_history(path))
     key = crafter_key(cfg)
     folder = store.root.parent / f"crafter-{key}"
     torch.manual_seed(cfg.data.seed)
@@ -158,13 +162,15 @@ def crafting_model(cfg: Config, split: TaskSplit, store: MDPStore) -> Crafter:
         write_json(history, history_path(path))
         partial.unlink(missing_ok=True)
     model.eval()
-    return Crafter(model, "all", len(labels), cfg.crafter.epochs, key, cfg.backbone.name)
+    return Crafter(model, "all", len(labels), cfg.crafter.epochs, key, cfg.backbone.name, read_history(path))
 
 
 def trained_model(cfg: Config, store: ArtefactStore, arch: str, tag: str, images: np.ndarray,
-                  labels: np.ndarray, num_classes: int, key: str, shown: str = "") -> Backbone:
+                  labels: np.ndarray, num_classes: int, key: str, shown: str = "",
+                  curves: dict[str, list[dict]] | None = None) -> Backbone:
     """A fresh ``arch`` trained with the [pretrain] recipe on (images, labels), stored under ``tag`` and
-    ``key`` (the settings the training set depends on); ``shown`` names the set in the log."""
+    ``key`` (the settings the training set depends on), its curve beside it; ``shown`` names the set
+    in the log and in ``curves``, which collects the curve."""
     torch.manual_seed(cfg.data.seed)  # the same initial weights whichever set the model is trained on
     model = build_backbone(arch, num_classes, images.shape[1])
     path = store.shared(f"mdp-model-{arch}-{tag}-{key}.pt")
@@ -173,9 +179,12 @@ def trained_model(cfg: Config, store: ArtefactStore, arch: str, tag: str, images
     else:
         t0 = time.time()
         log.info("training %s on %s (%d images)", arch, shown or tag, len(labels))
-        pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed)
+        history = pretrain(model, images, labels, cfg.pretrain, seed=cfg.data.seed)
         log.info("%s on %s trained in %.0fs", arch, shown or tag, time.time() - t0)
         save_torch(model.state_dict(), path)
+        write_json(history, history_path(path))
+    if curves is not None:
+        curves[f"{arch} on {shown or tag}"] = read_history(path)
     model.eval()
     return model
 
@@ -198,6 +207,7 @@ class MDPRun:
     crafter: Crafter
     original: Backbone  # trained on D with [pretrain]; f is this model when mdp.crafter = "D"
     sets: dict[str, tuple[Config, ModifiedSet]]
+    curves: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # every model's, for curves.csv
 
     def test_top1(self, model: Backbone) -> float:
         return evaluate_classifier(model, self.split.S.test_images, self.split.S.test_labels)["top1"]
@@ -206,7 +216,7 @@ class MDPRun:
         """``arch`` trained on D: keyed by [pretrain] alone, so every reading and crafter shares it."""
         S = self.split.S
         return trained_model(self.cfg, self.store, arch, "original", S.train_images, S.train_labels,
-                             len(S.classes), self.cfg.digest("pretrain"))
+                             len(S.classes), self.cfg.digest("pretrain"), curves=self.curves)
 
     def on_modified(self, arch: str, norm: str, tag: str, mset: ModifiedSet) -> Backbone:
         """``arch`` trained on a modified set, keyed by everything that made the set (the construction
@@ -219,7 +229,7 @@ class MDPRun:
             "crafter": self.crafter.key, "draws": sorted(set(mset.draw.tolist())),
         } | runtime.key_part(cfg.device, cfg.precision))
         return trained_model(cfg, self.store, arch, tag, mset.images.numpy(), mset.labels,
-                             len(self.split.S.classes), key, f"{tag}, {norm}")
+                             len(self.split.S.classes), key, f"{tag}, {norm}", self.curves)
 
 
 def prepare(cfg: Config) -> MDPRun:
@@ -232,7 +242,10 @@ def prepare(cfg: Config) -> MDPRun:
              len(S.classes), len(S.test_labels))
     crafter = crafting_model(cfg, split, store)
     run = MDPRun(cfg, split, store, crafter, crafter.model, {})
-    if crafter.trained_on != "D":
+    if crafter.trained_on == "D":
+        run.curves[f"{cfg.backbone.name} on original (the crafting model)"] = crafter.history
+    else:
+        run.curves[f"crafting model: {crafter.describe()}"] = crafter.history
         run.original = run.on_original(cfg.backbone.name)
     for each in readings(cfg):
         folder = sets_folder(each.mdp, cfg.data.seed) + (f"-crafter-{crafter.key}" if crafter.key else "")
@@ -362,6 +375,7 @@ def reproduce(cfg: Config, faces: Config | None) -> list[dict]:
     results = [run_dataset(r) for r in runs]
     for run, result in zip(runs, results, strict=True):  # last: the costliest trainings
         result["transfer"] = run_transfer(run)
+        write_curves(run.curves, run.cfg.results_dir() / "mdp" / run.cfg.name)
     out_dir = cfg.results_dir() / "mdp" / cfg.name
     t = cfg.mdp.rounds
     rows1, rows_ssim = [], []
@@ -512,7 +526,9 @@ def craft(cfg: Config) -> dict:
     top1 = evaluate_classifier(crafter.model, split.S.test_images, split.S.test_labels)["top1"]
     figures = {"trained_on": crafter.trained_on, "images": crafter.images, "epochs": crafter.epochs,
                "key": crafter.key, "test_images": int(len(split.S.test_labels)), "top1": top1}
-    write_json(figures, cfg.results_dir() / "mdp" / cfg.name / "crafter.json")
+    out_dir = cfg.results_dir() / "mdp" / cfg.name
+    write_json(figures, out_dir / "crafter.json")
+    write_curves({f"crafting model: {crafter.describe()}": crafter.history}, out_dir, "crafter-curve")
     log.info("crafting model: %s; test top-1 %.2f on %d images", crafter.describe(), top1, len(split.S.test_labels))
     return figures
 

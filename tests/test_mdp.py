@@ -269,6 +269,9 @@ def test_reproduce_crafts_with_a_model_of_more_images_under_both_readings(tmp_pa
     assert (out / "figure4-linf.png").is_file() and (out / "figure4-l2.png").is_file()
     t2 = pd.read_csv(out / "table2.csv")
     assert (t2["architecture"] == "vgg11-half").sum() == 2  # one transfer row per reading
+    curves = set(pd.read_csv(out / "curves.csv")["model"])
+    assert {"crafting model: resnet20 on 600 training images, 2 epochs", "resnet20 on MDP, l2",
+            "vgg11-half on MDP, linf", "resnet20 on original"} <= curves
 
     monkeypatch.setattr(mdp, "SCALE_GRID", [(60, "D"), (60, "all"), (0, "D"), (0, "all")])
     mdp.main(["scale", *args])
