@@ -137,11 +137,11 @@ def crafting_model(cfg: Config, split: TaskSplit, store: MDPStore) -> Crafter:
     every training image, stored under ``artefacts/crafter-<key>/`` and resumable epoch by epoch."""
     S = split.S
     if cfg.mdp.crafter == "D":
+        curve: dict[str, list[dict]] = {}
         model = trained_model(cfg, store, cfg.backbone.name, "original", S.train_images, S.train_labels,
-                              len(S.classes), cfg.digest("pretrain"))
-        path = store.shared(f"mdp-model-{cfg.backbone.name}-original-{cfg.digest('pretrain')}.pt")
+                              len(S.classes), cfg.digest("pretrain"), curves=curve)
         return Crafter(model, "D", len(S.train_labels), cfg.pretrain.epochs, "", cfg.backbone.name,
-                       read_history(path))
+                       *curve.values())
     key = crafter_key(cfg)
     folder = store.root.parent / f"crafter-{key}"
     torch.manual_seed(cfg.data.seed)
