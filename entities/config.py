@@ -40,6 +40,7 @@ class DataConfig:
     public_classes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
     max_task_train: int = 0  # cap on |S| train images (0 = all), for CPU-scale runs
     max_public_train: int = 0  # cap on |Q| train images
+    public_holdout: int = 0  # > 0: Q is this many training images held out of S's own classes (no public classes)
     max_test: int = 0  # cap on the common held-out test split of S
     shard_fractions: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.1, 0.01])
     partition: str = "iid"  # or "dirichlet"
@@ -61,6 +62,23 @@ class TrainConfig:
     lr: float = 0.1
     weight_decay: float = 5e-4
     augment: bool = True
+
+
+@dataclass
+class DeciderConfig(TrainConfig):
+    """Step 3's recipe: refining Φ's φ2 on φ1 features (own and shared) for ``epochs``.
+
+    ``views``: each image enters as itself and ``views`` − 1 augmented copies (random crop and flip):
+    a receiver featurizes augmented views of its own images, and a sender shares its contribution made
+    on each view of its shard (its private DPM is the one trained on the shard itself). Features are
+    cached, so without views the decider sees each image once per epoch exactly as it was, while the
+    raw-image rows train with augmentation; views close that gap.
+    """
+
+    epochs: int = 15
+    lr: float = 0.05
+    augment: bool = False
+    views: int = 1
 
 
 @dataclass
@@ -92,6 +110,8 @@ class DPMConfig:
     bottleneck: str = "none"  # or "spatial" / "logits": what P's output can carry at most (entities/dpm.py)
     adversary_steps: int = 1  # "decoder": its optimiser steps per DPM step
     adversary_lr: float = 1e-3
+    atoms: int = 0  # the logits bottleneck's learned atoms (0: one per class, K); more atoms carry more per item
+    anonymity: int = 1  # k: each shared item the mean of k same-class items' P(φ1(x)) (1: the item itself)
 
     def __post_init__(self) -> None:
         if self.init not in DPM_INITS:  # before Step 1, not after minutes of pretraining
@@ -207,7 +227,7 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
     dpm: DPMConfig = field(default_factory=DPMConfig)
-    decider: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, augment=False))
+    decider: DeciderConfig = field(default_factory=DeciderConfig)
     mdp: MDPConfig = field(default_factory=MDPConfig)
     table5: Table5Config = field(default_factory=Table5Config)
     collab: CollabConfig = field(default_factory=CollabConfig)
@@ -261,8 +281,11 @@ _ABSENT = object()
 # they shape nothing the earlier commands stored.
 NEW_SECTIONS: dict[str, type] = {"table4": Table4Config, "crafter": CrafterConfig}
 KEY_NEUTRAL: dict[str, dict[str, Any]] = {
-    "dpm": {"privacy": ["psi"], "utility": "labels", "bottleneck": "none", "adversary_steps": 1, "adversary_lr": 1e-3},
+    "dpm": {"privacy": ["psi"], "utility": "labels", "bottleneck": "none", "adversary_steps": 1, "adversary_lr": 1e-3,
+            "atoms": 0, "anonymity": 1},
     "mdp": {"crafter": "D", "readings": []},  # f trained on D under the one configured norm, as before
+    "decider": {"views": 1},  # each image once, as it is
+    "data": {"public_holdout": 0},  # Q of other classes
 }
 
 
@@ -349,6 +372,7 @@ _BY_KEY: dict[str, tuple[str, float]] = {
     "data.max_test": (">=", 0), "dpm.blocks": (">=", 1), "mdp.steps": (">=", 0), "mdp.step_size": (">", 0),
     "mdp.p": (">", 0), "mdp.epsilon": (">=", 0), "mdp.rounds": (">=", 1), "mdp.image_size": (">=", 0),
     "table5.fedavg_rounds": (">=", 1), "dpm.adversary_steps": (">=", 1), "dpm.adversary_lr": (">", 0),
+    "data.public_holdout": (">=", 0), "decider.views": (">=", 1), "dpm.atoms": (">=", 0), "dpm.anonymity": (">=", 1),
     "table4.image_size": (">=", 16), "table4.utility_attributes": (">=", 1), "table4.public_images": (">=", 1),
     "table4.entity_images": (">=", 1), "table4.test_images": (">=", 0), "table4.obfuscator_blocks": (">=", 1),
     "table4.privacy_weight": (">=", 0), "table4.reconstruction_weight": (">=", 0),

@@ -369,14 +369,32 @@ def _restrict(ds: ImageSet, classes: Sequence[int], name: str) -> ImageSet:
     return out
 
 
-def task_public_split(ds: ImageSet, task_classes: Sequence[int], public_classes: Sequence[int]) -> TaskSplit:
-    """S and Q with disjoint classes; overlapping class lists are an error, not a silent leak."""
+def task_public_split(ds: ImageSet, task_classes: Sequence[int], public_classes: Sequence[int],
+                      holdout: int = 0, seed: int = 0) -> TaskSplit:
+    """S and Q with disjoint classes; overlapping class lists are an error, not a silent leak.
+
+    ``holdout`` > 0 (no public classes then: every class is the task's): Q is ``holdout`` training images of the
+    task's classes drawn with ``seed`` and removed from S's training part, disjoint images rather than disjoint
+    classes. That Q is a stronger public set for an attacker (ψ and every attacker model learn on images
+    of the very classes the pools show), which the threat model then has to say.
+    """
     overlap = set(task_classes) & set(public_classes)
     if overlap:
         raise ValueError(f"task and public classes overlap: {sorted(overlap)}")
     bad = [c for c in [*task_classes, *public_classes] if not 0 <= c < len(ds.classes)]
     if bad:
         raise ValueError(f"class ids {bad} out of range for {ds.name} ({len(ds.classes)} classes)")
+    if holdout:
+        S = _restrict(ds, task_classes, f"{ds.name}-S")
+        n = len(S.train_labels)
+        if public_classes or holdout >= n:
+            raise ValueError(f"data.public_holdout = {holdout} holds Q out of S's {n} training images: it must be "
+                             f"below {n}, with data.public_classes empty (got {list(public_classes)})")
+        q = np.zeros(n, dtype=bool)
+        q[np.random.default_rng(seed).choice(n, holdout, replace=False)] = True
+        Q = S.subset(np.flatnonzero(q))
+        Q.name = f"{ds.name}-Q-holdout"
+        return TaskSplit(S.subset(np.flatnonzero(~q)), Q, list(task_classes), [])
     return TaskSplit(
         _restrict(ds, task_classes, f"{ds.name}-S"),
         _restrict(ds, public_classes, f"{ds.name}-Q"),

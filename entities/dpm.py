@@ -33,10 +33,11 @@ class DeepPoisoningModule(nn.Module):
     ``logits`` keeps only a distribution over the ``classes`` (a softmax head on the pooled blocks)
     and shares that mixture of learned class prototypes, so at most what a K-way posterior says of
     x crosses the wire, which is all a decider needs of a pool item and far less than an image.
+    ``atoms`` > K widens that to a softmax over M learned atoms: a rate knob between K numbers and ``none``.
     """
 
     def __init__(self, channels: int, blocks: int = 4, init: str = "random", bottleneck: str = "none",
-                 shape: tuple[int, int] = (1, 1), classes: int = 0) -> None:
+                 shape: tuple[int, int] = (1, 1), classes: int = 0, atoms: int = 0) -> None:
         super().__init__()
         if init not in DPM_INITS:
             raise ValueError(f"unknown DPM init {init!r}; valid: {', '.join(DPM_INITS)}")
@@ -50,9 +51,10 @@ class DeepPoisoningModule(nn.Module):
         if init == "identity":
             for block in self.blocks:
                 nn.init.zeros_(block.bn2.weight)
-        if bottleneck == "logits":
-            self.head = nn.Linear(channels, classes)
-            self.prototypes = nn.Parameter(0.1 * torch.randn(classes, channels, *shape))
+        if bottleneck == "logits":  # ``atoms`` > K: a mixture of more learned atoms than classes, a higher rate
+            n = atoms or classes
+            self.head = nn.Linear(channels, n)
+            self.prototypes = nn.Parameter(0.1 * torch.randn(n, channels, *shape))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[1] != self.channels:
@@ -73,7 +75,7 @@ def build_dpm(cfg: DPMConfig, feature_shape: tuple[int, ...], phi2: nn.Module) -
     """The DPM the settings describe, for φ1 features of ``feature_shape`` and the classes of ``phi2``."""
     classes = [m for m in phi2.modules() if isinstance(m, nn.Linear)][-1].out_features
     return DeepPoisoningModule(feature_shape[0], cfg.blocks, cfg.init, cfg.bottleneck, tuple(feature_shape[1:]),
-                               classes)
+                               classes, cfg.atoms)
 
 
 def ssim_privacy_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,18 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
     if torch.isnan(ap).all():
         raise ValueError("mean average precision: no attribute has a positive item in these targets")
     return 100.0 * float(ap.nanmean())
+
+
+def utility_retained(mode: float, floor: float, clean: float) -> float:
+    """The share of clean sharing's gain over the label-only floor that a mode keeps:
+    (mode − floor) / (clean − floor), from the same row trained on each mode's pools. 1 keeps all of
+    it, 0 teaches nothing beyond labels, below 0 harms. NaN where clean sharing gains nothing over the
+    floor: in such a regime no defence can be judged on utility."""
+    gain = clean - floor
+    return (mode - floor) / gain if gain > 0 else float("nan")
+
+
+def excess_disclosure(worst: float, prior: float) -> float:
+    """What a pool discloses beyond its labels: the worst case over the attack suite minus the ``prior``
+    attacker's figure (the mean image of each item's label), the floor any label-sharing mode reads."""
+    return worst - prior

@@ -51,7 +51,7 @@ def load_task(cfg: Config) -> TaskSplit:
     """S and Q for the configured data set, capped to the configured CPU-scale sizes."""
     d = cfg.data
     ds = load_dataset(d.dataset, d.data_root or None, d.allow_download)
-    split = task_public_split(ds, d.task_classes, d.public_classes)
+    split = task_public_split(ds, d.task_classes, d.public_classes, d.public_holdout, d.seed + 2)
     split.S = _cap(split.S, d.max_task_train, d.max_test, d.seed)
     split.Q = _cap(split.Q, d.max_public_train, d.max_test, d.seed + 1)
     return split

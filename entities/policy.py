@@ -6,7 +6,9 @@ the SuperNode's environment), keys in the node config winning. It says which sha
 allows (default ``dpm`` only: a run config asking for ``raw`` images is refused, not obeyed), where its
 data and its private store are (so a run config cannot point the entity's private DPMs at a folder of
 the submitter's choosing), and its disclosure ceiling: the most SSIM between what it sends and its real
-images that it accepts.
+images that it accepts. It also says what the entity accepts: with ``screen-margin`` set, it keeps a
+sender's pool only if its labels agree with the shared decider about as often as the others' do
+(:mod:`entities.screening`), so a collaborator that lies in its labels is left out by each receiver.
 
 Before sending a DPM pool the entity measures it with the strongest attack it can run locally: ψ
 from the server, and a decoder (:mod:`entities.attacks.decoder`, the attack suite's) trained on half
@@ -38,7 +40,8 @@ from entities.sharing import DPM, FEATURES, SHARING_MODES, Contribution, get_mod
 from entities.train import infer, to_float
 
 POLICY_KEYS = {"allow-share": "allow", "data-root": "data_root", "private-store": "store",
-               "disclosure-ceiling": "ceiling", "attack-epochs": "attack_epochs", "attack-pairs": "attack_pairs"}
+               "disclosure-ceiling": "ceiling", "attack-epochs": "attack_epochs", "attack-pairs": "attack_pairs",
+               "screen-margin": "screen_margin"}
 
 
 class PolicyRefusal(RuntimeError):
@@ -55,6 +58,9 @@ class EntityPolicy:
     ceiling: float = 1.0  # the most disclosure SSIM the entity accepts to send (1: measure and report only)
     attack_epochs: int = 20  # the local decoder's training budget
     attack_pairs: int = 2000  # at most this many (pool, image) pairs train it
+    # Receiving: refuse a sender's pool whose labels agree with φ2 more than this many points below the median in
+    # some class (entities/screening.py); None keeps every pool that passes the shape checks.
+    screen_margin: float | None = None
     source: str = "defaults"
 
     def store_root(self) -> Path:
@@ -91,6 +97,13 @@ def _value(key: str, value: Any, where: str) -> Any:
             if not 0 <= ceiling <= 1:
                 raise ValueError("must lie in [0, 1]")
             return ceiling
+        if field == "screen_margin":
+            if isinstance(value, bool):
+                raise ValueError("expected a number of points")
+            margin = float(value)
+            if not 0 <= margin <= 100:
+                raise ValueError("must lie in [0, 100] points")
+            return margin
         if field in ("attack_epochs", "attack_pairs"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
@@ -131,19 +144,21 @@ def local_disclosure(entity: Entity, sent: Contribution, policy: EntityPolicy, a
     """What the entity's pool discloses by its own measure: the figure it reports for the mode
     (``sent.disclosure``: ψ's for DPM, exact for images) and, for feature pools (DPM), a decoder trained
     on half of its own (pool item, the image it shows) pairs and scored on the other half."""
-    features = get_mode(sent.mode).sends == FEATURES
+    mode = get_mode(sent.mode)
+    features = mode.sends == FEATURES
     measured = {"psi" if features else "images": float(sent.disclosure)}
     if not features or len(sent) < 4:
         return measured
+    data = mode.training_pool(sent.pool(), phi1=None).features  # what a receiver gets (class-stats: its draws)
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(sent))[: 2 * policy.attack_pairs]
     fit, score = np.sort(rows[: len(rows) // 2]), np.sort(rows[len(rows) // 2:])
-    decoder = build_decoder(tuple(sent.data.shape[1:]), tuple(entity.images.shape[1:]))
+    decoder = build_decoder(tuple(data.shape[1:]), tuple(entity.images.shape[1:]))
     # At least four steps an epoch, so a small shard still gets a trained decoder.
     budget = dataclasses.replace(attack_cfg, epochs=policy.attack_epochs,
                                  batch_size=min(attack_cfg.batch_size, max(8, len(fit) // 4)))
     shown = entity.images[sent.shows]
-    train_decoder(decoder, sent.data[fit], shown[fit], budget, seed, f"{entity.name} local disclosure decoder")
-    scores = reconstruction_scores(infer(decoder, sent.data[score]), to_float(shown[score]))
+    train_decoder(decoder, data[fit], shown[fit], budget, seed, f"{entity.name} local disclosure decoder")
+    scores = reconstruction_scores(infer(decoder, data[score]), to_float(shown[score]))
     measured["decoder on own pairs"] = disclosure({k: float(v.mean()) for k, v in scores.items()})
     return measured

@@ -62,6 +62,17 @@ def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return out
 
 
+def augmented_views(images: np.ndarray | torch.Tensor, views: int, seed: int) -> list[np.ndarray | torch.Tensor]:
+    """The images themselves, then ``views`` − 1 augmented copies in [0, 1] (:func:`augment`), each drawn
+    from its own seed, so a decider refined on cached features still sees what a raw-image row sees."""
+    out = [images]
+    for v in range(1, views):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed * 1000 + v)
+            out.append(augment(to_float(images)))
+    return out
+
+
 def fit(
     params,
     step: Step,

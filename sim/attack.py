@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from entities.attacks import ATTACKS
-from entities.attacks.base import ATTACK_MODES, CONTROLS, attack_mode_name, check_attack_mode
+from entities.attacks.base import ATTACK_MODES, CONTROLS, LABEL_ONLY_MODES, attack_mode_name, check_attack_mode
 from entities.attacks.card import REPORT_INDEX, CellStore, card_table, defence_key, settings_key, worst_cases
 from entities.attacks.suite import SuiteRun, check_parties, run_suite
 from entities.config import Config
@@ -50,8 +50,10 @@ FIGURE_ROWS = 3  # images per victim in report.png
 
 
 def modes_to_run(asked: list[str] | None) -> list[str]:
-    """The modes asked for (default all) and the two controls, in the card's column order."""
-    wanted = set(check_attack_mode(m) for m in (asked or ATTACK_MODES)) | set(CONTROLS)
+    """The modes asked for (default all but the label-only floors, which the frontier attacks) and the two
+    controls, in the card's column order."""
+    default = [m for m in ATTACK_MODES if m not in LABEL_ONLY_MODES]
+    wanted = set(check_attack_mode(m) for m in (asked or default)) | set(CONTROLS)
     return [m for m in ATTACK_MODES if m in wanted]
 
 
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families to run (default all): {', '.join(ATTACKS)}")
     parser.add_argument("--share", nargs="+", default=None, metavar="MODE",
-                        help=f"sharing modes to attack (default all; the controls clean and raw always run): "
+                        help=f"sharing modes to attack (default all but the label-only floors; the controls "
+                             f"clean and raw always run): "
                              f"{', '.join(ATTACK_MODES)}")
     parser.add_argument("--from-flower", type=Path, default=None, metavar="DIR",
                         help="attack the DPM pools of this `flwr run sim/` results directory (default: the "

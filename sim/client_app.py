@@ -31,10 +31,11 @@ from entities.entity import Entity
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task, step1
 from entities.policy import EntityPolicy, load_policy, local_disclosure
 from entities.pools import PoolSpec, feature_scale
+from entities.screening import screen
 from entities.sharing import get_mode
 from entities.train import extract_features
 from sim.app_config import config_from_run_config, setup_app_logging
-from strategies.records import pack_pool, pack_shared, unpack_pool, unpack_shared
+from strategies.records import pack_pool, pack_shared, unpack_pool, unpack_senders, unpack_shared
 
 app = ClientApp()
 
@@ -169,16 +170,24 @@ def refine(msg: Message, context: Context) -> Message:
     mode.validate("received", received, PoolSpec(
         tuple(test_features.shape[1:]), len(cfg.data.task_classes), tuple(entity.images.shape[1:]),
         max_items=cfg.collab.max_pool * (len(entity_names(cfg)) - 1), bound=bound))
-    pool = mode.training_pool(received, shared.phi1)
+    senders = unpack_senders(received, msg.content["senders"])
+    pools = {s: mode.training_pool(p, shared.phi1) for s, p in senders.items()}
+    records = {}
+    if here.policy.screen_margin is not None:  # the entity's own rule for what it learns from
+        decision = screen(shared.phi2, entity.featurize(shared), pools, here.policy.screen_margin)
+        pools = {s: pools[s] for s in decision.kept}
+        records["screening"] = ConfigRecord({"senders": list(decision.refused),
+                                             "reasons": list(decision.refused.values())})
     _, own = entity.refine(shared, [], cfg, test_features, here.test_labels, seed=here.seed)
-    _, refined = entity.refine(shared, [pool], cfg, test_features, here.test_labels, seed=here.seed)
+    _, refined = entity.refine(shared, list(pools.values()), cfg, test_features, here.test_labels, seed=here.seed)
     metrics = {
         "num-examples": len(entity.labels),
         "received_images": len(received),
+        "pools_refused": len(senders) - len(pools),
         "top1_own": own["top1"],
         "top5_own": own["top5"],
         "top1_refined": refined["top1"],
         "top5_refined": refined["top5"],
         "refine_seconds": time.time() - t0,
     }
-    return reply(msg, metrics)
+    return reply(msg, metrics, **records)

@@ -44,13 +44,16 @@ from entities.attacks.suite import check_parties, entity_seed, run_suite
 from entities.config import Config, load_config, parse_overrides
 from entities.entity import Entity, Pool
 from entities.files import write_bytes, write_text
+from entities.metrics import excess_disclosure, utility_retained
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
 from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table, write_json
 from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, get_mode
-from entities.train import evaluate_classifier, infer
+from entities.sharing.dpm import k_anonymous
+from entities.train import augmented_views, evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
-from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, row_key
+from sim.grid import RAW as RAW_ROW
+from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key
 
 log = logging.getLogger("poisonpool")
 
@@ -66,6 +69,11 @@ class Point:
 
 
 ADVERSARIAL = {"dpm.privacy": '["psi", "decoder"]', "dpm.lam": "5", "dpm.adversary_steps": "3"}
+# the head and the prototypes start from nothing: a higher rate and more epochs than the paper's blocks need
+LOGITS = {"dpm.bottleneck": "logits", "dpm.utility": "distill", "dpm.privacy": "[]", "dpm.lr": "0.01",
+          "dpm.epochs": "60"}
+FLOOR_POINTS = ("prototypes (floor)", "class-stats (floor)")  # label-only: what a pool must teach beyond
+CLEAN_POINT = "clean φ1"  # everything clean features teach: the gain a defence keeps a share of
 POINTS: tuple[Point, ...] = (
     Point("paper DPM", DPM, reference=True),
     *(Point(attack_mode_name(m, 2), m, reference=True) for m in PERTURBED),
@@ -73,14 +81,18 @@ POINTS: tuple[Point, ...] = (
     Point("MDP", MDP, reference=True),
     Point("AugMDP", AUGMDP, reference=True),
     Point("raw images", RAW, reference=True),
-    Point("clean φ1", CLEAN, reference=True),
+    Point(CLEAN_POINT, CLEAN, reference=True),
     Point("adversarial decoder", DPM, ADVERSARIAL),
     Point("distance correlation", DPM, {"dpm.privacy": '["psi", "dcor"]', "dpm.lam": "10"}),
     Point("distillation", DPM, {"dpm.utility": "distill"}),
     Point("spatial bottleneck", DPM, {"dpm.bottleneck": "spatial"}),
-    # the head and the prototypes start from nothing: a higher rate and more epochs than the paper's blocks need
-    Point("logits bottleneck", DPM, {"dpm.bottleneck": "logits", "dpm.utility": "distill", "dpm.privacy": "[]",
-                                     "dpm.lr": "0.01", "dpm.epochs": "60"}),
+    Point("logits bottleneck", DPM, LOGITS),
+    Point("prototypes (floor)", "prototypes", reference=True),
+    Point("class-stats (floor)", "class-stats", reference=True),
+    Point("k-anonymous DPM (k 4)", DPM, {"dpm.anonymity": "4"}),
+    Point("k-anonymous DPM (k 16)", DPM, {"dpm.anonymity": "16"}),
+    Point("atoms bottleneck (M 32)", DPM, {**LOGITS, "dpm.atoms": "32"}),
+    Point("atoms bottleneck (M 128)", DPM, {**LOGITS, "dpm.atoms": "128"}),
 )
 POINT_NAMES = tuple(p.name for p in POINTS)
 SENDERS = ("E1", "E2", "E3")  # whose pools rows 7 and 12 train on
@@ -126,7 +138,6 @@ def pools_of(cfg: Config, point: Point, split, entities: dict[str, Entity], shar
     test = cached_features(art, "S-test", shared.phi1, split.S.test_images)
     pools, top1 = {}, {}
     for name, entity in entities.items():
-        own = entity.featurize(shared)
         seed = entity_seed(cfg, name)
         if point.mode in FEATURE_MODES:
             if uses_dpm(point.mode):
@@ -134,15 +145,29 @@ def pools_of(cfg: Config, point: Point, split, entities: dict[str, Entity], shar
             mapping = recipe(point.mode, entity.dpm, obfuscator=shared.obfuscator)
             top1[name] = evaluate_classifier(nn.Sequential(mapping, shared.phi2), test, split.S.test_labels)["top1"]
             if name in SENDERS:
-                pools[name] = Pool(infer(mapping, own.features), entity.labels)
+                parts = []
+                for view in views_of(cfg, entity):
+                    features = infer(mapping, view.featurize(shared).features)
+                    if point.mode == DPM and cfg.dpm.anonymity > 1:
+                        features = k_anonymous(features, entity.labels, cfg.dpm.anonymity, seed)
+                    parts.append(Pool(features, entity.labels))
+                pools[name] = Pool.union(parts)
         elif name in SENDERS:
-            sent = contribute(entity, shared, cfg, seed, point.mode)
-            pools[name] = get_mode(point.mode).training_pool(sent.pool(), shared.phi1)
+            pools[name] = Pool.union([get_mode(point.mode).training_pool(
+                contribute(view, shared, cfg, seed, point.mode).pool(), shared.phi1) for view in views_of(cfg, entity)])
     return pools, top1
 
 
-def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
-    """Poisoned top-1 of the shared φ2 and Table 5's rows 1, 4, 7 and 12 on the point's pools."""
+def views_of(cfg: Config, entity: Entity) -> list[Entity]:
+    """The entity, then ``decider.views`` − 1 augmented copies of its shard under its name (its stored DPM)."""
+    views = augmented_views(entity.images, cfg.decider.views, cfg.data.seed)[1:]
+    return [entity, *(Entity(entity.name, v, entity.labels, entity.store) for v in views)]
+
+
+def utility(cfg: Config, point: Point, rows: RowStore, seeds: int = 1) -> dict:
+    """Poisoned top-1 of the shared φ2 and Table 5's rows 1, 4, 7 and 12 on the point's pools, at ``seeds``
+    seeds (Table 5's: data.seed, data.seed + 1, ...; the pools are the same, each row retrained): the first
+    seed's rows under their own names, every seed's as ``row R seed S``, the gains from their means."""
     split = load_task(cfg)
     shards = entity_shards(cfg, split)
     art = ArtefactStore(cfg)
@@ -150,29 +175,34 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
     test = cached_features(art, "S-test", shared.phi1, split.S.test_images)
     original = evaluate_classifier(shared.phi2, test, split.S.test_labels)["top1"]
     source = f"frontier:{point.mode}"
-    seed = cfg.data.seed
     out: dict = {"original top-1": original}
     todo = [r for r in ROWS if r.id in FRONTIER_ROWS]
     entities = {n: Entity(n, split.S.train_images[i], split.S.train_labels[i], art) for n, i in shards.items()}
-    results, pools, top1 = {}, None, {}
-    for row in todo:
-        key = row_key(row, seed, cfg, source)
-        stored = rows.get(row, seed, key)
-        if stored is None:
-            if row.id == "1":  # Φ itself is E1's model on its own images
-                result = phi_row(cfg, shared.backbone, split.S.test_images, split.S.test_labels, len(shards["E1"]))
-            elif row.id == "4":
-                result = raw_row(row, seed, cfg, split.S.train_images, split.S.train_labels, shards["E4"],
-                                 split.S.test_images, split.S.test_labels, len(split.S.classes))
-            else:
-                if pools is None:
-                    pools, top1 = pools_of(cfg, point, split, entities, shared, art)
-                own = {n: e.featurize(shared) for n, e in entities.items()}  # φ1 once per entity (cached)
-                parts = {f"phi1:{n}": p for n, p in own.items()} | {f"pool:{n}": p for n, p in pools.items()}
-                result = feature_row(row, seed, cfg, shared.backbone, test, split.S.test_labels,
-                                     *(parts[p] for p in row.parts))
-            stored = rows.put(row, seed, key, result)
-        results[row.id] = stored["top1"]
+    results: dict[str, list[float]] = {r.id: [] for r in todo}
+    pools, top1, own = None, {}, None
+    for seed in range(cfg.data.seed, cfg.data.seed + seeds):
+        for row in todo:
+            key = row_key(row, seed, cfg, source)
+            stored = rows.get(row, seed, key)
+            if stored is None:
+                if reuses_phi(row, seed, cfg):  # Φ itself is E1's model on its own images
+                    result = phi_row(cfg, shared.backbone, split.S.test_images, split.S.test_labels,
+                                     len(shards["E1"]))
+                elif row.kind == RAW_ROW:
+                    who = row.uses("raw")[0]
+                    result = raw_row(row, seed, cfg, split.S.train_images, split.S.train_labels, shards[who],
+                                     split.S.test_images, split.S.test_labels, len(split.S.classes))
+                else:
+                    if pools is None:
+                        pools, top1 = pools_of(cfg, point, split, entities, shared, art)
+                        own = {n: Pool.union([v.featurize(shared) for v in views_of(cfg, e)])
+                               for n, e in entities.items()}
+                    parts = {f"phi1:{n}": p for n, p in own.items()} | {f"pool:{n}": p for n, p in pools.items()}
+                    result = feature_row(row, seed, cfg, shared.backbone, test, split.S.test_labels,
+                                         *(parts[p] for p in row.parts))
+                stored = rows.put(row, seed, key, result)
+            results[row.id].append(stored["top1"])
+            out[f"row {row.id} seed {seed}"] = stored["top1"]
     if point.mode in FEATURE_MODES:
         if not top1:
             _, top1 = pools_of(cfg, point, split, entities, shared, art)
@@ -180,21 +210,22 @@ def utility(cfg: Config, point: Point, rows: RowStore) -> dict:
         out["poisoned top-1"] = float(np.mean(list(top1.values())))
     else:  # receivers featurize shared images with φ1: the shared φ2 reads the test set as it is
         out["poisoned top-1"] = original
-    out |= {f"row {r}": results[r] for r in FRONTIER_ROWS}
-    out["E1 gain"] = results["7"] - results["1"]
-    out["E4 gain"] = results["12"] - results["4"]
+    out |= {f"row {r}": float(np.mean(results[r])) for r in FRONTIER_ROWS}
+    out["seeds"] = seeds
+    out["E1 gain"] = out["row 7"] - out["row 1"]
+    out["E4 gain"] = out["row 12"] - out["row 4"]
     return out
 
 
 def measure(preset: str, overrides: dict[str, str], point: Point, store: CellStore, rows: RowStore,
-            families: list[str]) -> dict:
+            families: list[str], seeds: int = 1) -> dict:
     t0 = time.time()
     cfg = point_config(preset, overrides, point)
     runtime.configure(cfg)
     line = {"point": point.name, "mode": point.mode, "reference": point.reference,
             "settings": " ".join(f"{k}={v}" for k, v in point.settings.items())}
     line |= privacy(cfg, point, store, families)
-    line |= utility(shared_in(cfg, point), point, rows)
+    line |= utility(shared_in(cfg, point), point, rows, seeds)
     line["seconds"] = time.time() - t0
     log.info("frontier point %s: %s (%.0fs)", point.name,
              ", ".join(f"{k} {v:.3f}" for k, v in line.items() if isinstance(v, float)), line["seconds"])
@@ -253,6 +284,90 @@ def checks(table: pd.DataFrame, victims: list[str]) -> list[str]:
     return lines
 
 
+EXCESS_TARGETS = {"excess disclosure": 0.02, "identification": 0.05, "retained": 0.75}
+RETAINED_ROWS = {"7": "E1", "12": "E4"}
+
+
+def retained_by_seed(table: pd.DataFrame, row: str) -> pd.DataFrame:
+    """Per point and seed, the share of clean sharing's gain over the better label-only floor that the point's
+    pools keep in Table 5's ``row`` (:func:`entities.metrics.utility_retained`); NaN without both floors and
+    the clean point among the points measured."""
+    seeds = sorted(int(c.rsplit(" ", 1)[1]) for c in table.columns if c.startswith(f"row {row} seed "))
+    by_name = table.set_index("point")
+    out = pd.DataFrame(index=table["point"], columns=seeds, dtype=float)
+    if not set(FLOOR_POINTS) | {CLEAN_POINT} <= set(by_name.index):
+        return out
+    for seed in seeds:
+        column = f"row {row} seed {seed}"
+        floor = float(by_name.loc[list(FLOOR_POINTS), column].max())
+        clean = float(by_name.loc[CLEAN_POINT, column])
+        out[seed] = [utility_retained(v, floor, clean) for v in by_name[column]]
+    return out
+
+
+def excess(table: pd.DataFrame, victims: list[str]) -> pd.DataFrame:
+    """The frontier in excess terms: per victim the worst case over the suite minus the prior floor and the
+    identification rate; per row, the utility retained (mean and sd over seeds) and the floor beside it."""
+    out = pd.DataFrame({"point": table["point"]})
+    for v in victims:
+        out[f"{v} excess disclosure"] = [excess_disclosure(w, p) for w, p in zip(table[f"{v} disclosure"],
+                                                                                  table[f"{v} prior"])]
+        out[f"{v} identification"] = table[f"{v} identification"].to_numpy()
+    for row, entity in RETAINED_ROWS.items():
+        per_seed = retained_by_seed(table, row)
+        out[f"{entity} retained (row {row})"] = per_seed.mean(axis=1).to_numpy()
+        out[f"{entity} retained sd"] = per_seed.std(axis=1, ddof=1).to_numpy() if per_seed.shape[1] > 1 else np.nan
+        out[f"row {row}"] = table[f"row {row}"].to_numpy()
+    return out
+
+
+def excess_checks(ex: pd.DataFrame, victims: list[str], points: pd.DataFrame) -> list[str]:
+    """The utility issue's target per defence: excess ≤ 0.02, identification ≤ 5% and retained ≥ 75% for
+    every entity (E1 by row 7, E4 by row 12)."""
+    t, lines = EXCESS_TARGETS, []
+    for (_, r), ref in zip(ex.iterrows(), points["reference"].astype(bool)):
+        if ref:
+            continue
+        worst = max(r[f"{v} excess disclosure"] for v in victims)
+        ident = max(r[f"{v} identification"] for v in victims)
+        kept = min(r[f"{e} retained (row {row})"] for row, e in RETAINED_ROWS.items())
+        ok = worst <= t["excess disclosure"] and ident <= t["identification"] and kept >= t["retained"]
+        lines.append(f"- {r['point']}: excess {worst:+.3f}, identification {ident:.0%}, lowest retained {kept:.0%}: "
+                     f"{'meets the target' if ok else 'misses it'}")
+    return lines
+
+
+def write_excess(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, command: str) -> None:
+    ex = excess(table, victims)
+    write_text(run_dir / "frontier-excess.csv", ex.to_csv(index=False))
+
+    def pm(m: float, sd: float) -> str:
+        return "n/a" if not np.isfinite(m) else f"{m:.0%}" + (f" ± {sd:.0%}" if np.isfinite(sd) else "")
+
+    shown = pd.DataFrame({
+        "point": ex["point"],
+        **{f"{v} excess · identification": [f"{e:+.3f} · {i:.0%}" for e, i in
+                                             zip(ex[f"{v} excess disclosure"], ex[f"{v} identification"])]
+           for v in victims},
+        **{f"{e} retained (row {row})": [pm(m, sd) for m, sd in zip(ex[f"{e} retained (row {row})"],
+                                                                     ex[f"{e} retained sd"])]
+           for row, e in RETAINED_ROWS.items()},
+        **{f"row {row}": ex[f"row {row}"].round(2) for row in RETAINED_ROWS},
+    })
+    seeds = int(table["seeds"].max()) if "seeds" in table else 1
+    priors = ", ".join(f"{v} {table[f'{v} prior'].max():.3f}" for v in victims)
+    text = (f"# The frontier in excess terms: {cfg.name}\n\n{markdown_table(shown)}\n\n"
+            f"Excess disclosure: the worst case over the attack suite minus the `prior` attacker's figure (the mean "
+            f"image of each item's label: {priors}), so 0 is a pool that shows no more than its label. "
+            "Identification: the worst case over the suite (chance 1%). Retained: (row(point) − row(floor)) / "
+            "(row(clean φ1) − row(floor)) for Table 5's row 7 (E1 on E2's pool) and row 12 (E4 on E1-E3's pools), "
+            f"floor the better of the two label-only points, per seed, then mean ± sd over {seeds} seed(s) (each row "
+            "retrained with Table 5's seed; the pools and the attacks are the first seed's). Rows: mean top-1.\n\n"
+            "Target (excess ≤ 0.02, identification ≤ 5%, retained ≥ 75% for E1 and E4), per defence:\n\n"
+            + "\n".join(excess_checks(ex, victims, table)) + f"\n\nCommand: `{command}`.\n")
+    write_text(run_dir / "frontier-excess.md", text)
+
+
 def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, command: str, seconds: float) -> None:
     write_text(run_dir / "frontier.csv", table.to_csv(index=False))
     shown = pd.DataFrame({
@@ -292,6 +407,7 @@ def write(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, c
     write_text(run_dir / "frontier.md", text)
     write_json({"points": table.to_dict("records")}, run_dir / "frontier.json")
     plot(table, victims, run_dir / "frontier.png")
+    write_excess(table, cfg, victims, run_dir, command)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -301,6 +417,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help=f"points to measure (default all): {', '.join(repr(n) for n in POINT_NAMES)}")
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
+    parser.add_argument("--seeds", type=int, default=1, help="Table 5's rows at seeds data.seed, data.seed+1, ...")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -318,7 +435,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir.mkdir(parents=True, exist_ok=True)
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
-    table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families) for p in chosen])
+    table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families, args.seeds) for p in chosen])
     prog, *given = command_line("python -m sim.attack frontier", argv)
     command = f"{prog} {shlex.join(given)}".strip()
     write(table, base, victims, run_dir, command, time.time() - started)

@@ -35,7 +35,7 @@ from entities.files import ArtefactError, artefact_key, write_json
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1, step1_curves
 from entities.pools import PoolError, PoolSpec, load_pool
 from entities.sharing import DPM, get_mode
-from entities.train import evaluate_classifier, pretrain, train_decider
+from entities.train import augmented_views, evaluate_classifier, pretrain, train_decider
 
 RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"
 # Part of every row's key: raise it when the way a row is computed changes, so that rows stored by
@@ -128,6 +128,8 @@ def contributions_key(cfg: Config, pool_source: str) -> str:
     settings = {"format": ROW_FORMAT, "data": d["data"], "backbone": d["backbone"], "pretrain": d["pretrain"],
                 "pools": pool_source, "share": share}
     settings |= get_mode(share).key_settings(d)
+    if cfg.decider.views > 1:
+        settings["views"] = cfg.decider.views
     return artefact_key(settings | runtime.key_part(cfg.device, cfg.precision))
 
 
@@ -220,7 +222,8 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
     curves = step1_curves(cfg, store)
     mode = get_mode(cfg.collab.share)
     for name, idx in entity_shards(cfg, split).items():
-        entity = Entity(name, split.S.train_images[idx], split.S.train_labels[idx], store)
+        images, labels = split.S.train_images[idx], split.S.train_labels[idx]
+        entity = Entity(name, images, labels, store)
         own[name] = entity.featurize(shared)
         if pools is None:
             sent = mode.contribute(entity, shared, cfg, seed=cfg.data.seed)
@@ -230,7 +233,22 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
                              "label_ssim": sent.label_disclosure}
             metrics[name] |= mode.metrics(entity, shared, test_features, split.S.test_labels)
             curves |= mode.curves(entity, shared, cfg, cfg.data.seed)
+        if cfg.decider.views > 1:
+            own[name], made[name] = with_views(cfg, entity, shared, own[name], made.get(name), mode)
     return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics, curves)
+
+
+def with_views(cfg: Config, entity: Entity, shared, own: Pool, sent: Pool | None, mode) -> tuple[Pool, Pool | None]:
+    """``own`` and ``sent`` (what the entity's contribution gives a receiver) with ``decider.views`` − 1
+    augmented views of its shard added: the receiver featurizes its views itself, the sender contributes
+    on each view with what it made on the shard (its stored DPM)."""
+    views = augmented_views(entity.images, cfg.decider.views, cfg.data.seed)[1:]
+    copies = [Entity(entity.name, v, entity.labels, entity.store) for v in views]
+    own = Pool.union([own, *(c.featurize(shared) for c in copies)])
+    if sent is not None:
+        sent = Pool.union([sent, *(mode.training_pool(mode.contribute(c, shared, cfg, seed=cfg.data.seed).pool(),
+                                                      shared.phi1) for c in copies)])
+    return own, sent
 
 
 def feature_shape(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:

@@ -172,7 +172,8 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
     failures = {n: s.failure for n, s in result.entities.items() if s.failure}
     status = "failed" if error else "completed"
     write_json({**meta, "status": status, "error": error, "seconds": seconds, "phases": result.phases,
-                "failures": failures, "refused": result.refused, "feature_shape": list(result.feature_shape),
+                "failures": failures, "refused": result.refused,
+                "pools_refused": result.screening, "feature_shape": list(result.feature_shape),
                 "nodes": {n: s.node_id for n, s in result.entities.items()}}, out / "run.json")
     audited.write(out / "messages.csv")
 

@@ -47,7 +47,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from entities.pools import PoolSpec, SharedPool
 from entities.sharing import DPM, IMAGES, get_mode
-from strategies.records import pack_pool, unpack_pool
+from strategies.records import pack_pool, pack_senders, unpack_pool
 
 log = logging.getLogger("poisonpool")
 
@@ -90,6 +90,7 @@ class CollaborationResult:
     feature_scale: float = 0.0  # the largest |φ1 feature| on the pretrainer's shard, from its reply
     phases: list[tuple[str, float]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # nodes refused at step 0, and why
+    screening: dict[str, dict[str, str]] = field(default_factory=dict)  # receiver -> sender -> why it refused
 
     def healthy(self) -> list[str]:
         return [n for n, s in self.entities.items() if s.healthy]
@@ -168,8 +169,9 @@ class PoolExchange(Strategy):
             if server_round == 2:
                 content["shared"] = arrays
             elif server_round == 3:
-                others = SharedPool.union([self.result.pools[o] for o in targets if o != name])
-                content["pool"] = pack_pool(others, self.share)
+                others = {o: self.result.pools[o] for o in targets if o != name}
+                content["pool"] = pack_pool(SharedPool.union(list(others.values())), self.share)
+                content["senders"] = pack_senders(others)
             messages.append(Message(content=content, dst_node_id=status[name].node_id,
                                     message_type=STEPS[server_round]))
         return messages
@@ -207,6 +209,9 @@ class PoolExchange(Strategy):
                         bound=self.feature_bound * self.result.feature_scale))
                     self.result.pools[name] = pool
                     self.result.pool_bytes[name] = content["pool"].count_bytes()
+                elif server_round == 3 and "screening" in content:  # the pools this receiver refused, and why
+                    refused = content["screening"]
+                    self.result.screening[name] = dict(zip(refused["senders"], refused["reasons"]))
             except (KeyError, TypeError, ValueError) as err:  # PoolError is a ValueError
                 self._fail(name, server_round, f"rejected reply: {err}")
                 continue

@@ -12,6 +12,10 @@ an ``ArrayRecord`` with exactly two arrays, named by what the mode sends
   images by design: MDP's modified images, which look like real images of the sender's shard, or
   the real images themselves (raw, the no-privacy baseline).
 
+In step 3 the pools a receiver gets from the other entities travel as one such record, their union, with
+a ``ConfigRecord`` of who sent which items (:func:`pack_senders`): names and item counts, in the order
+of the union, so a receiver can judge each sender's pool on its own (:mod:`entities.screening`).
+
 Keeping the codec in one module makes that list easy to audit: a DPM has no encoding here, and
 the key names say which kind of pool crossed.
 """
@@ -22,7 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from entities.backbone import build_backbone
 from entities.config import Config
@@ -99,3 +103,20 @@ def unpack_pool(record: ArrayRecord, mode: str) -> SharedPool:
     if set(record) != set(keys):
         raise ValueError(f"a pool record in sharing mode {mode!r} holds exactly {keys}, got {sorted(record)}")
     return SharedPool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())
+
+
+def pack_senders(pools: dict[str, SharedPool]) -> ConfigRecord:
+    """Who sent which items of the union of ``pools`` (in their order): names and item counts."""
+    return ConfigRecord({"names": list(pools), "items": [len(p) for p in pools.values()]})
+
+
+def unpack_senders(pool: SharedPool, record: ConfigRecord) -> dict[str, SharedPool]:
+    """The union ``pool`` cut back into each sender's pool; counts that do not add up are refused."""
+    names, items = [str(n) for n in record["names"]], [int(i) for i in record["items"]]
+    bad = len(names) != len(items) or len(set(names)) != len(names) or min(items, default=1) < 1
+    if bad or sum(items) != len(pool):
+        raise ValueError(f"the senders record ({dict(zip(names, items))}) does not describe a pool of "
+                         f"{len(pool)} items")
+    bounds = np.cumsum([0, *items])
+    return {n: SharedPool(pool.data[a:b], np.asarray(pool.labels)[a:b])
+            for n, a, b in zip(names, bounds[:-1], bounds[1:])}

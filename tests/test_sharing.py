@@ -46,7 +46,8 @@ def clear(monkeypatch):
 
 def test_builtin_modes_send_what_their_records_are_named():
     assert {name: mode.sends for name, mode in sharing.SHARING_MODES.items()} == {
-        "dpm": FEATURES, "mdp": IMAGES, "augmdp": IMAGES, "raw": IMAGES, "obfuscator": FEATURES}
+        "dpm": FEATURES, "mdp": IMAGES, "augmdp": IMAGES, "raw": IMAGES, "obfuscator": FEATURES,
+        "prototypes": FEATURES, "class-stats": FEATURES}
     cfg = load_config("tiny", {"mdp.rounds": 3})
     assert [get_mode(m).items_per_image(cfg) for m in ("dpm", "mdp", "augmdp", "raw")] == [1, 1, 3, 1]
 

@@ -7,8 +7,9 @@ shard with labels and its own private DPM (:class:`Knowledge`). A :class:`Target
 pool as it arrives. The victim's real images are in neither, so no attacker can read them; the
 suite scores what an attacker returns against them afterwards.
 
-Sharing modes under attack: the five of :mod:`entities.sharing` (DeepObfuscator's shared obfuscator
-is published, so its recipe is the real map), Table 3's stationary
+Sharing modes under attack: those of :mod:`entities.sharing` (DeepObfuscator's shared obfuscator
+is published, so its recipe is the real map; the label-only floors, whose pools should score at the
+``prior`` attacker's figure), Table 3's stationary
 perturbations in front of the DPM (``GN+dpm``, ``GF+dpm``, ``MF+dpm``: the sender perturbs φ1(x)
 before its DPM), and ``clean``, unpoisoned φ1 features: the positive control, on which an attacker
 that fails proves nothing about the defence.
@@ -31,7 +32,9 @@ from entities.files import save_torch
 from entities.perturbations import PERTURBATIONS, build_perturbation
 from entities.pipeline import SharedModules
 from entities.sharing import AUGMDP, DPM, MDP, RAW, mode_name
+from entities.sharing.class_stats import ClassStatsMode
 from entities.sharing.obfuscator import ObfuscatorMode
+from entities.sharing.prototypes import PrototypesMode
 
 log = logging.getLogger("poisonpool")
 
@@ -40,7 +43,10 @@ OBFUSCATOR = ObfuscatorMode.name
 PERTURBED = tuple(f"{p}+{DPM}" for p in PERTURBATIONS)
 FEATURE_MODES = (CLEAN, DPM, *PERTURBED, OBFUSCATOR)
 IMAGE_MODES = (MDP, AUGMDP, RAW)
-ATTACK_MODES = (*FEATURE_MODES, *IMAGE_MODES)
+# The label-only floors: feature pools whose items depend on the sender's shard only through their class, so no
+# map of φ1(x) describes them; the suite attacks what a receiver gets (the prototypes, the draws).
+LABEL_ONLY_MODES = (PrototypesMode.name, ClassStatsMode.name)
+ATTACK_MODES = (*FEATURE_MODES, *LABEL_ONLY_MODES, *IMAGE_MODES)
 CONTROLS = (CLEAN, RAW)  # modes without any protection: every report has them
 
 

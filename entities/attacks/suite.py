@@ -21,6 +21,7 @@ from entities.attacks import ATTACKS
 from entities.attacks.base import (
     CLEAN,
     FEATURE_MODES,
+    LABEL_ONLY_MODES,
     OBFUSCATOR,
     Knowledge,
     Target,
@@ -108,6 +109,10 @@ def victim_target(victim: Entity, mode: str, shared: SharedModules, cfg: Config,
                 victim.train_dpm(shared, cfg, seed)
             features = infer(recipe(mode, victim.dpm, obfuscator=shared.obfuscator), own)
         return Target(victim.name, mode, features, victim.labels, rows), {"shown": rows}
+    if mode in LABEL_ONLY_MODES:
+        sent = contribute(victim, shared, cfg, seed, mode)
+        features = get_mode(mode).training_pool(sent.pool(), shared.phi1).features
+        return Target(victim.name, mode, features, sent.labels, rows), {"shown": rows}
     if mode == RAW:
         sent = contribute(victim, shared, cfg, seed, RAW)
         return (Target(victim.name, mode, victim.featurize(shared).features, sent.labels, rows, sent.data),

@@ -4,8 +4,11 @@ Deep Poisoning shares poisoned features P_k(φ1(S_k)) (:mod:`entities.sharing.dp
 Distortion Protection (the second paper) shares images instead: each looks like another image of
 the shard but carries a target's features and label; AugMDP(T) shares T such sets
 (:mod:`entities.sharing.mdp`). Raw sharing, the images themselves, is the no-privacy baseline
-(:mod:`entities.sharing.raw`). Every mode implements :class:`entities.sharing.base.SharingMode`:
-how it contributes, what its pools hold and how they are checked and turned into training data.
+(:mod:`entities.sharing.raw`). Two label-only floors, class prototypes and class statistics
+(:mod:`entities.sharing.prototypes`, :mod:`entities.sharing.class_stats`), carry nothing per item
+beyond its label: what a defence's pools teach is measured against them. Every mode implements
+:class:`entities.sharing.base.SharingMode`: how it contributes, what its pools hold and how they
+are checked and turned into training data.
 The Flower app, the Table 5 grid, MDP's comparison and the attack suite all go through it, so a
 mode means the same thing in each and one table can compare them.
 
@@ -18,9 +21,11 @@ from entities.config import Config
 from entities.entity import Entity
 from entities.pipeline import SharedModules
 from entities.sharing.base import FEATURES, IMAGES, Contribution, SharingMode
+from entities.sharing.class_stats import ClassStatsMode
 from entities.sharing.dpm import DpmMode
 from entities.sharing.mdp import AugMdpMode, MdpMode
 from entities.sharing.obfuscator import ObfuscatorMode
+from entities.sharing.prototypes import PrototypesMode
 from entities.sharing.raw import RawMode
 
 SHARING_MODES: dict[str, SharingMode] = {mode.name: mode for mode in (
@@ -29,6 +34,8 @@ SHARING_MODES: dict[str, SharingMode] = {mode.name: mode for mode in (
     AugMdpMode(),
     RawMode(),
     ObfuscatorMode(),
+    PrototypesMode(),
+    ClassStatsMode(),
 )}
 DPM, MDP, AUGMDP, RAW = DpmMode.name, MdpMode.name, AugMdpMode.name, RawMode.name
 

@@ -1,0 +1,217 @@
+"""A dishonest collaborator: what one entity's lying pool costs the honest ones, with and without the receivers'
+check (:mod:`entities.screening`).
+
+    python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 2] [--seeds 3] [--sequential]
+
+Every honest entity refines Φ's φ2 on its own φ1 features and every other entity's pool (the Flower app's
+Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's
+rows); the honest entities either keep every pool or screen each sender's pool against their own held-out
+images and keep it only if it costs them no more than ``--margin`` points there. Each (lie, check, receiver,
+seed) is one task, stored as it finishes under a key of everything it depends on, so a rerun resumes. Output:
+``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from entities import runtime
+from entities.config import Config
+from entities.entity import Pool
+from entities.files import artefact_key, results_lock, write_json, write_text
+from entities.pipeline import load_task
+from entities.provenance import command_line, write_provenance
+from entities.report import markdown_table
+from entities.screening import screen
+from entities.train import evaluate_classifier, train_decider
+from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
+from sim.executors import RayPool, Sequential, start_ray
+from sim.grid import GridInputs, contributions_key, prepare
+
+log = logging.getLogger("poisonpool")
+
+
+@dataclass(frozen=True)
+class Lie:
+    """What the liar does to its pool's labels (``relabel`` of the labels and the number of classes)."""
+
+    name: str
+    relabel: Callable[[np.ndarray, int], np.ndarray] | None
+
+
+LIES: tuple[Lie, ...] = (
+    Lie("honest", None),
+    Lie("every label flipped (y → y+1 mod K)", lambda y, k: (y + 1) % k),
+    Lie("class 0 relabelled as class 1", lambda y, k: np.where(y == 0, 1, y)),
+)
+MARGIN = 20.0  # points of per-class agreement below the median
+TARGETS = {"loss with the check": 0.5, "cost of the check when honest": 0.3}
+
+
+def received(inputs: GridInputs, receiver: str, liar: str, lie: Lie, classes: int) -> dict[str, Pool]:
+    """The pools ``receiver`` gets from every other entity, the liar's with its labels changed."""
+    out = {}
+    for sender, pool in inputs.pools.items():
+        if sender == receiver:
+            continue
+        if sender == liar and lie.relabel is not None:
+            pool = Pool(pool.features, lie.relabel(np.asarray(pool.labels), classes))
+        out[sender] = pool
+    return out
+
+
+def task(inputs: GridInputs, cfg: Config, receiver: str, liar: str, lie: Lie, check: bool, margin: float, seed: int,
+         test_labels: np.ndarray, classes: int, threads: int = 0) -> dict:
+    """One honest receiver's Step 3 under one lie, with or without screening, at one seed."""
+    t0 = time.time()
+    runtime.configure(cfg, threads)
+    phi2 = inputs.backbone.split(cfg.backbone.hook)[1]
+    pools = received(inputs, receiver, liar, lie, classes)
+    own = inputs.own[receiver]
+    decision = screen(phi2, own, pools, margin) if check else None
+    kept = decision.kept if decision else list(pools)
+    model = copy.deepcopy(phi2)
+    data = Pool.union([own, *(pools[s] for s in kept)])
+    train_decider(model, data.features, data.labels, cfg.decider, seed=seed, what=f"{receiver} decider")
+    top1 = evaluate_classifier(model, inputs.test_features, test_labels)["top1"]
+    return {"top1": top1, "kept": kept, "screening": decision.record() if decision else None,
+            "seconds": time.time() - t0}
+
+
+def summarise(records: list[dict]) -> pd.DataFrame:
+    """Per lie and honest receiver: top-1 without and with the check (mean ± sd over seeds), what each costs
+    against the honest collaboration without a check, and the refusals."""
+    df = pd.DataFrame(records)
+    base = df[(df["lie"] == "honest") & ~df["check"]].groupby("receiver")["top1"].mean()
+    rows = []
+    for (lie, receiver), part in df.groupby(["lie", "receiver"], sort=False):
+        line = {"lie": lie, "receiver": receiver}
+        for check, name in ((False, "no check"), (True, "with check")):
+            got = part[part["check"] == check]["top1"]
+            spread = f" ± {got.std(ddof=1):.2f}" if len(got) > 1 else ""
+            line[f"top-1, {name}"] = f"{got.mean():.2f}{spread}"
+            line[f"loss, {name}"] = round(float(base[receiver] - got.mean()), 2)
+        refused = part[part["check"]]["refused"]
+        line["refused (per seed)"] = "; ".join(sorted({", ".join(r) or "none" for r in refused}))
+        rows.append(line)
+    return pd.DataFrame(rows)
+
+
+def checks(table: pd.DataFrame) -> list[str]:
+    honest = table[table["lie"] == "honest"]
+    lying = table[table["lie"] != "honest"]
+    cost = float(honest["loss, with check"].max())
+    worst = float(lying["loss, with check"].max()) if len(lying) else float("nan")
+    return [f"- the check's cost when everyone is honest, the largest over receivers: {cost:+.2f} points "
+            f"(target ≤ {TARGETS['cost of the check when honest']}): {'yes' if cost <= 0.3 else 'NO'}",
+            f"- the largest loss of an honest entity to a liar with the check: {worst:+.2f} points "
+            f"(target ≤ {TARGETS['loss with the check']}): {'yes' if worst <= 0.5 else 'NO'}; without the check: "
+            f"{float(lying['loss, no check'].max()):+.2f}"]
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    started = time.time()
+    parser = command_parser("python -m sim.dishonest", __doc__)
+    parser.add_argument("--liar", default="E2", help="the entity whose pool lies")
+    parser.add_argument("--margin", type=float, default=MARGIN,
+                        help="a receiver refuses a pool whose labels agree with φ2 this many points less than the "
+                             "median in some class")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds data.seed, data.seed+1, ...")
+    parser.add_argument("--sequential", action="store_true", help="every task in this process, without Ray")
+    add_config_args(parser)
+    parser.set_defaults(config="collab-scale")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    names = [f"E{i + 1}" for i in range(len(cfg.data.shard_fractions))]
+    if args.liar not in names:
+        parser.error(f"--liar {args.liar}: choose from {', '.join(names)}")
+    out_dir = cfg.results_dir() / "utility" / f"dishonest-{run_name(args, cfg.name)}"
+    cells = out_dir / "cells"
+    seeds = [cfg.data.seed + i for i in range(args.seeds)]
+    with results_lock(cfg.results_dir()):
+        inputs = prepare(cfg)
+        split = load_task(cfg)
+        split_labels, classes = split.S.test_labels, len(split.S.classes)
+        common = {"pools": contributions_key(cfg, "own"), "decider": cfg.key_dict()["decider"], "liar": args.liar,
+                  "margin": args.margin}
+        jobs, records = [], []
+        for lie in LIES:
+            for check in (False, True):
+                for receiver in (n for n in names if n != args.liar):
+                    for seed in seeds:
+                        key = artefact_key({**common, "lie": lie.name, "check": check, "receiver": receiver,
+                                            "seed": seed, **runtime.key_part(cfg.device, cfg.precision)})
+                        path = cells / f"{key}.json"
+                        meta = {"lie": lie.name, "check": check, "receiver": receiver, "seed": seed}
+                        if path.is_file():
+                            records.append(json.loads(path.read_text()))
+                        else:
+                            jobs.append((path, meta, lie))
+        log.info("dishonest collaborator: %d tasks to run, %d stored in %s", len(jobs), len(records), cells)
+        if args.sequential:
+            executor = Sequential(cfg.threads)
+        else:
+            if url := start_ray():
+                print(f"Ray dashboard: http://{url}", flush=True)
+            executor = RayPool(1)
+        try:
+            records += run_tasks(executor, inputs, cfg, jobs, args, split_labels, classes)
+        finally:
+            if not args.sequential:
+                import ray
+
+                ray.shutdown()
+        table = summarise(records)
+        write_text(out_dir / "dishonest.csv", pd.DataFrame(records).drop(columns=["screening"]).to_csv(index=False))
+        command = " ".join(command_line("python -m sim.dishonest", argv))
+        text = (f"# A dishonest collaborator: {cfg.name}, liar {args.liar}, sharing {cfg.collab.share}\n\n"
+                f"{markdown_table(table)}\n\n"
+                "Top-1 (%) of each honest entity's φ2 refined on its own φ1 features and every other entity's pool, "
+                f"mean ± sd over seeds {seeds}. Loss: against the honest collaboration without the check. With the "
+                f"check, a receiver refuses a sender's pool if, for some class, the share of its items that Φ's φ2 "
+                f"classifies as labelled is more than {args.margin:g} points below the median over the senders "
+                f"and the receiver's own images (entities/screening.py).\n\n"
+                + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
+        write_text(out_dir / "dishonest.md", text)
+        write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv))
+    print(text)
+    return table
+
+
+def run_tasks(executor, inputs: GridInputs, cfg: Config, jobs: list, args, test_labels: np.ndarray, classes: int
+              ) -> list[dict]:
+    """Every missing task through the executor, each stored as it finishes; failures are raised at the end,
+    after the others are stored."""
+    shared, records = executor.put(inputs), []
+    pending = {executor.submit(f"{m['receiver']} {m['lie']} check={m['check']} seed {m['seed']}", task, shared,
+                               cfg, m["receiver"], args.liar, lie, m["check"], args.margin, m["seed"],
+                               test_labels, classes): (path, m) for path, m, lie in jobs}
+    failures = []
+    while pending:
+        handle, result, err = executor.next_done(pending)
+        path, meta = pending.pop(handle)
+        if err is not None:
+            failures.append(f"{meta}: {err}")
+            continue
+        refused = sorted((result["screening"] or {}).get("refused", {}))
+        record = {**meta, **result, "refused": refused}
+        write_json(record, path)
+        records.append(record)
+        log.info("[%d/%d] %s, %s, check %s, seed %d: top-1 %.2f, refused %s", len(records),
+                 len(records) + len(pending), meta["receiver"], meta["lie"], meta["check"], meta["seed"],
+                 result["top1"], refused or "none")
+    if failures:
+        raise RuntimeError(f"{len(failures)} task(s) failed (the others are stored): {'; '.join(failures)}")
+    return records
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,145 @@
+"""Utility measured against label-only floors, on real (tiny) CIFAR-10 when the archive is present, else digits.
+
+The two floor modes carry nothing per item beyond its label: they pack, validate and train a decider like any
+feature mode, and the attack suite scores them at the ``prior`` attacker's figure while clean features (the
+control) score far above it. The receiver's check refuses a label-flipped pool and keeps an honest one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from entities.attacks.card import CellStore
+from entities.attacks.suite import run_suite
+from entities.config import load_config
+from entities.data import DataError, find_archive
+from entities.entity import Entity, Pool
+from entities.metrics import excess_disclosure, utility_retained
+from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
+from entities.pools import PoolError, PoolSpec, SharedPool
+from entities.screening import screen
+from entities.sharing import get_mode
+from entities.train import train_decider
+from sim.dishonest import MARGIN
+from strategies.records import pack_pool, pack_senders, unpack_pool, unpack_senders
+
+try:
+    find_archive("cifar10")
+    DATA = {}
+except DataError:
+    DATA = {"data.dataset": "digits"}
+
+FLOORS = ("prototypes", "class-stats")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Step 1 of attack-tiny (Φ split at conv3_1) and entity E1 with its φ1 features."""
+    cfg = load_config("attack-tiny", {"results_root": str(tmp_path_factory.mktemp("utility")), "threads": "1",
+                                      **DATA})
+    split = load_task(cfg)
+    store = ArtefactStore(cfg)
+    shared = step1(cfg, split, store)
+    idx = entity_shards(cfg, split)["E1"]
+    entity = Entity("E1", split.S.train_images[idx], split.S.train_labels[idx], store)
+    entity.featurize(shared)
+    return cfg, split, shared, entity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FLOORS)
+def test_floor_modes_pack_validate_and_train_a_decider(tiny, name):
+    cfg, split, shared, entity = tiny
+    mode = get_mode(name)
+    sent = mode.contribute(entity, shared, cfg, seed=0)
+    own = entity.featurize(shared)
+    shape = tuple(own.features.shape[1:])
+    spec = PoolSpec(shape, len(split.S.classes), bound=10 * float(own.features.abs().max()))
+    travelled = unpack_pool(pack_pool(sent.pool(), name), name)
+    mode.validate("E1", travelled, spec)
+    received = mode.training_pool(travelled, shared.phi1)
+    assert received.features.shape == own.features.shape and np.array_equal(received.labels, own.labels)
+    # nothing per item: every item of a class gets the same thing on the wire
+    for c in np.unique(own.labels):
+        rows = travelled.data[torch.as_tensor(own.labels == c)]
+        assert torch.equal(rows, rows[:1].expand_as(rows))
+    if name == "prototypes":
+        assert torch.allclose(received.features[own.labels == 0].mean(0), own.features[own.labels == 0].mean(0),
+                              atol=1e-5)
+    else:  # draws around the class mean, the same draws every time the pool is received
+        assert torch.equal(received.features, mode.training_pool(travelled, shared.phi1).features)
+        assert not torch.equal(received.features[0], received.features[1])
+    phi2 = shared.backbone.split(cfg.backbone.hook)[1]
+    before = [p.detach().clone() for p in phi2.parameters()]
+    train_decider(phi2, received.features, received.labels, cfg.decider, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, phi2.parameters()))
+    # a per-item pool under a floor's name is refused: it would carry more than labels
+    smuggled = SharedPool(travelled.data.clone(), travelled.labels)
+    smuggled.data[0] = smuggled.data[0] + 0.5
+    with pytest.raises(PoolError, match="class"):
+        mode.validate("E1", smuggled, spec)
+
+
+@pytest.mark.slow
+def test_the_suite_scores_both_floors_at_the_prior_and_clean_features_above_it(tiny, tmp_path):
+    cfg = tiny[0]
+    run = run_suite(cfg, ["prior", "psi", "decoder"], ["clean", *FLOORS], CellStore(tmp_path))
+    cells = pd.DataFrame(run.records).set_index(["victim", "mode", "attacker"]).sort_index()
+    for victim in cfg.attack.victims:
+        prior = cells.loc[(victim, "clean", "prior"), "disclosure"]
+        for mode in FLOORS:
+            learned = cells.loc[(victim, mode)].drop(index="prior")
+            # Within 0.05 of the prior: a decoder's class average is a slightly better label-only guess than the
+            # pixel mean image (about +0.03 here), but nothing identifies an item.
+            assert excess_disclosure(learned["disclosure"].max(), prior) <= 0.05, learned.to_string()
+            # one reconstruction per class identifies at most the most typical image of each class
+            typical = len(np.unique(tiny[1].S.train_labels)) / learned["n"]
+            assert (learned["identification"] <= np.maximum(3 * learned["chance"], typical)).all(), learned.to_string()
+        clean = cells.loc[(victim, "clean")].drop(index="prior")
+        assert excess_disclosure(clean["disclosure"].max(), prior) > 0.1  # the control: the attackers work
+
+
+def test_utility_retained_against_a_hand_computation():
+    # row 7: floor 56.0, clean 60.0, mode 59.0 → (59 − 56) / (60 − 56) = 0.75
+    assert utility_retained(59.0, 56.0, 60.0) == pytest.approx(0.75)
+    assert utility_retained(56.0, 56.0, 60.0) == 0.0
+    assert utility_retained(54.0, 56.0, 60.0) == pytest.approx(-0.5)
+    assert np.isnan(utility_retained(58.0, 56.0, 56.0))  # no gain to keep: nothing to judge
+    assert excess_disclosure(0.170, 0.152) == pytest.approx(0.018)
+
+
+def test_senders_travel_beside_the_union_and_bad_counts_are_refused():
+    pools = {"E2": SharedPool(torch.zeros(3, 2), np.array([0, 1, 0])),
+             "E3": SharedPool(torch.ones(2, 2), np.array([1, 1]))}
+    union = SharedPool.union(list(pools.values()))
+    back = unpack_senders(union, pack_senders(pools))
+    assert list(back) == ["E2", "E3"] and torch.equal(back["E3"].data, pools["E3"].data)
+    record = pack_senders(pools)
+    record["items"] = [3, 3]
+    with pytest.raises(ValueError, match="does not describe"):
+        unpack_senders(union, record)
+
+
+@pytest.mark.slow
+def test_the_receiver_check_refuses_lying_pools_and_keeps_honest_ones(tmp_path):
+    """E4 screens the clean φ1 features of E1, E2 and E3, one of them lying: every label shifted by one class, or
+    class 0 relabelled as class 1. The honest pools are kept each time; with nobody lying, all are."""
+    cfg = load_config("collab-tiny", {"results_root": str(tmp_path), "threads": "1", "pretrain.epochs": "15", **DATA})
+    split = load_task(cfg)
+    store = ArtefactStore(cfg)
+    shared = step1(cfg, split, store)
+    shards = entity_shards(cfg, split)
+    pools = {n: Entity(n, split.S.train_images[i], split.S.train_labels[i], store).featurize(shared)
+             for n, i in shards.items()}
+    own = pools.pop("E4")
+    y = np.asarray(pools["E2"].labels)
+    lies = {"flipped": (y + 1) % len(split.S.classes), "relabelled": np.where(y == 0, 1, y)}
+    assert screen(shared.phi2, own, pools, MARGIN).kept == ["E1", "E2", "E3"]
+    for lie, labels in lies.items():
+        decision = screen(shared.phi2, own, {**pools, "E2": Pool(pools["E2"].features, labels)}, MARGIN)
+        assert decision.kept == ["E1", "E3"] and list(decision.refused) == ["E2"], (lie, decision.record())
+    with pytest.raises(ValueError, match="margin"):
+        screen(shared.phi2, own, pools, -1)
