@@ -58,7 +58,7 @@ class EntityPolicy:
     ceiling: float = 1.0  # the most disclosure SSIM the entity accepts to send (1: measure and report only)
     attack_epochs: int = 20  # the local decoder's training budget
     attack_pairs: int = 2000  # at most this many (pool, image) pairs train it
-    # Receiving: refuse a sender's pool whose labels agree with φ2 more than this many points below the median in
+    # Receiving: refuse a sender's pool whose labels agree with φ2 more than this many nats below the median in
     # some class (entities/screening.py); None keeps every pool that passes the shape checks.
     screen_margin: float | None = None
     source: str = "defaults"
@@ -99,10 +99,10 @@ def _value(key: str, value: Any, where: str) -> Any:
             return ceiling
         if field == "screen_margin":
             if isinstance(value, bool):
-                raise ValueError("expected a number of points")
+                raise ValueError("expected a number of nats")
             margin = float(value)
-            if not 0 <= margin <= 100:
-                raise ValueError("must lie in [0, 100] points")
+            if not 0 <= margin < float("inf"):
+                raise ValueError("must be a finite number of nats, at least 0")
             return margin
         if field in ("attack_epochs", "attack_pairs"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

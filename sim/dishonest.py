@@ -52,7 +52,7 @@ LIES: tuple[Lie, ...] = (
     Lie("every label flipped (y → y+1 mod K)", lambda y, k: (y + 1) % k),
     Lie("class 0 relabelled as class 1", lambda y, k: np.where(y == 0, 1, y)),
 )
-MARGIN = 20.0  # points of per-class agreement below the median
+MARGIN = 0.5  # nats of per-class agreement below the median
 TARGETS = {"loss with the check": 0.5, "cost of the check when honest": 0.3}
 
 
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = command_parser("python -m sim.dishonest", __doc__)
     parser.add_argument("--liar", default="E2", help="the entity whose pool lies")
     parser.add_argument("--margin", type=float, default=MARGIN,
-                        help="a receiver refuses a pool whose labels agree with φ2 this many points less than the "
-                             "median in some class")
+                        help="a receiver refuses a pool whose labels agree with φ2 this many nats less than the "
+                             "median in some class (entities/screening.py)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds data.seed, data.seed+1, ...")
     parser.add_argument("--sequential", action="store_true", help="every task in this process, without Ray")
     add_config_args(parser)
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 f"{markdown_table(table)}\n\n"
                 "Top-1 (%) of each honest entity's φ2 refined on its own φ1 features and every other entity's pool, "
                 f"mean ± sd over seeds {seeds}. Loss: against the honest collaboration without the check. With the "
-                f"check, a receiver refuses a sender's pool if, for some class, the share of its items that Φ's φ2 "
-                f"classifies as labelled is more than {args.margin:g} points below the median over the senders "
-                f"and the receiver's own images (entities/screening.py).\n\n"
+                f"check, a receiver refuses a sender's pool if, for some class, its labels agree with what Φ's φ2 "
+                f"sees in its items more than {args.margin:g} nats less than the median over the senders and the "
+                f"receiver's own images (entities/screening.py).\n\n"
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / "dishonest.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv))

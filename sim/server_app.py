@@ -44,7 +44,7 @@ app = ServerApp()
 # Per-entity columns of the summary, in the order of the three steps.
 COLUMNS = ["num-examples", "items_shared", "pool_bytes_per_image", "disclosure_ssim", "label_ssim",
            "local_disclosure_ssim", "disclosure_ceiling", "top1_original", "top1_poisoned", "ssim_pool",
-           "ssim_pool_inverted", "l1_pool", "ssim_clean", "received_images",
+           "ssim_pool_inverted", "l1_pool", "ssim_clean", "received_images", "pools_refused",
            "top1_own", "top5_own", "top1_refined", "top5_refined", "pretrain_seconds", "pool_seconds",
            "refine_seconds"]
 
@@ -204,7 +204,8 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
         "refinement; ssim_pool = SSIM between ψ(pool) and the entity's own images (ssim_pool_inverted uses "
         "1 - ψ). top1_own = φ2 refined on the entity's own φ1 features only; top1_refined / top5_refined = "
         "φ2 refined on its own features plus the pools received from the other healthy entities (φ1 of the "
-        "images in the image modes). Accuracies in % on the common test split of S.",
+        "images in the image modes) that it kept; pools_refused = how many it refused by its screening policy "
+        "(run.json says whose and why). Accuracies in % on the common test split of S.",
         "local_disclosure_ssim = the most the sender's own local attacks recovered from its pool before sending "
         "(its reported disclosure and, for DPM pools, a decoder trained on half of its own (pool, image) pairs and "
         "scored on the other half); disclosure_ceiling = the most its operator's policy accepts (above it the "

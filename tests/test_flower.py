@@ -218,8 +218,9 @@ class LocalGrid(InProcessGrid):
 
     ``faults`` maps a partition-id to what its entity does wrong in step 2: ``raise`` (the ClientApp
     raises), ``nan`` (its pool has a NaN), ``shape`` (its pool has the wrong feature shape),
-    ``range`` (a value of 1.5, outside an image's [0, 1]) or ``hang`` (it never answers: the test
-    kills the process). ``policies`` adds node-config keys (the entity's policy) per partition-id to
+    ``range`` (a value of 1.5, outside an image's [0, 1]), ``flip`` (every label of its pool shifted by one
+    class: a liar) or ``hang`` (it never answers: the test kills the process).
+    ``policies`` adds node-config keys (the entity's policy) per partition-id to
     :data:`TEST_POLICY`, which keeps private files in the results root and allows every mode.
     """
 
@@ -254,6 +255,9 @@ class LocalGrid(InProcessGrid):
             except Exception as err:  # what a SuperNode does with a ClientApp exception
                 replies.append(Message(Error(code=1, reason=repr(err)), reply_to=msg))
                 continue
+            if fault == "flip":  # a liar: every label of its pool shifted by one class
+                labels = reply.content["pool"]["labels"].numpy()
+                reply.content["pool"]["labels"] = Array((labels + 1) % (labels.max() + 1))
             if fault in ("nan", "shape", "range"):
                 key = "features" if "features" in reply.content["pool"] else "images"
                 features = reply.content["pool"][key].numpy().copy()
@@ -557,3 +561,18 @@ def test_sigkill_during_a_flower_run_loses_nothing_and_the_rerun_completes(sim_r
     assert run["status"] == "completed" and run["run_id"] == 7 and not run["failures"]
     assert sorted(p.stem for p in (previous / "artefacts" / "pools").glob("*.pt")) == ["E1", "E2", "E3", "E4"]
     assert not list((results / "flower").glob(".killed.*"))  # no staging or set-aside folder left
+
+
+def test_receivers_that_screen_refuse_a_liars_pool_and_record_it(results):
+    """E2 shifts every label of its pool; the others screen what they receive (policy screen-margin) and each
+    refuses E2's pool alone, recorded in run.json and in its metrics. Φ trains longer than the preset's two epochs:
+    a φ2 that calls every item one class cannot tell a true label from a false one (the check then keeps all)."""
+    screening = {k: {"screen-margin": 0.5} for k in range(4)}
+    out, _ = run_in_process(results, "liar", {1: "flip"}, settings=("pretrain.epochs=15",), policies=screening)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert {r: sorted(s) for r, s in run["pools_refused"].items()} == {"E1": ["E2"], "E2": [], "E3": ["E2"],
+                                                                       "E4": ["E2"]}
+    assert all("agree with φ2" in why for r in run["pools_refused"].values() for why in r.values())
+    df = pd.read_csv(out / "summary.csv").set_index("entity")
+    assert list(df.loc[["E1", "E3", "E4"], "pools_refused"]) == [1, 1, 1]
