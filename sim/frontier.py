@@ -50,10 +50,10 @@ from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table, write_json
 from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, get_mode
 from entities.sharing.dpm import k_anonymous
-from entities.train import augmented_views, evaluate_classifier, infer
+from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
 from sim.grid import RAW as RAW_ROW
-from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key
+from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key, views_of
 
 log = logging.getLogger("poisonpool")
 
@@ -157,11 +157,6 @@ def pools_of(cfg: Config, point: Point, split, entities: dict[str, Entity], shar
                 contribute(view, shared, cfg, seed, point.mode).pool(), shared.phi1) for view in views_of(cfg, entity)])
     return pools, top1
 
-
-def views_of(cfg: Config, entity: Entity) -> list[Entity]:
-    """The entity, then ``decider.views`` − 1 augmented copies of its shard under its name (its stored DPM)."""
-    views = augmented_views(entity.images, cfg.decider.views, cfg.data.seed)[1:]
-    return [entity, *(Entity(entity.name, v, entity.labels, entity.store) for v in views)]
 
 
 def utility(cfg: Config, point: Point, rows: RowStore, seeds: int = 1) -> dict:
@@ -337,9 +332,39 @@ def excess_checks(ex: pd.DataFrame, victims: list[str], points: pd.DataFrame) ->
     return lines
 
 
+def plot_excess(ex: pd.DataFrame, points: pd.DataFrame, path: Path) -> None:
+    """Per entity, utility retained (± sd over seeds) against excess disclosure, the target as a shaded box."""
+    fig, axes = plt.subplots(1, len(RETAINED_ROWS), figsize=(12, 4.8))
+    ref = points["reference"].astype(bool).to_numpy()
+    for ax, (row, entity) in zip(axes, RETAINED_ROWS.items()):
+        x, y = ex[f"{entity} excess disclosure"], ex[f"{entity} retained (row {row})"] * 100
+        err = ex[f"{entity} retained sd"].fillna(0) * 100
+        for mask, style in ((ref, {"marker": "s", "color": "grey", "label": "references"}),
+                            (~ref, {"marker": "o", "color": "tab:red", "label": "defences"})):
+            ax.errorbar(x[mask], y[mask], yerr=err[mask], ls="none", capsize=2, **style)
+        for name, xi, yi in zip(ex["point"], x, y):
+            if np.isfinite(xi) and np.isfinite(yi):
+                ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvspan(-1, EXCESS_TARGETS["excess disclosure"], ymin=0, ymax=1, color="tab:green", alpha=0.05)
+        ax.axhline(EXCESS_TARGETS["retained"] * 100, color="tab:green", ls="--", lw=1, label="target")
+        ax.axvline(EXCESS_TARGETS["excess disclosure"], color="tab:green", ls="--", lw=1)
+        ax.axhline(0, color="black", ls=":", lw=1, label="label-only floor")
+        ax.set_xlim(left=min(-0.02, float(np.nanmin(x)) - 0.02))
+        ax.set_xlabel(f"{entity}'s excess disclosure over the prior (worst case − prior; → less private)")
+        ax.set_ylabel(f"utility retained, row {row} (% of clean sharing's gain over the floor)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
 def write_excess(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: Path, command: str) -> None:
     ex = excess(table, victims)
     write_text(run_dir / "frontier-excess.csv", ex.to_csv(index=False))
+    plot_excess(ex, table, run_dir / "frontier-excess.png")
 
     def pm(m: float, sd: float) -> str:
         return "n/a" if not np.isfinite(m) else f"{m:.0%}" + (f" ± {sd:.0%}" if np.isfinite(sd) else "")
@@ -363,6 +388,7 @@ def write_excess(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: 
             "(row(clean φ1) − row(floor)) for Table 5's row 7 (E1 on E2's pool) and row 12 (E4 on E1-E3's pools), "
             f"floor the better of the two label-only points, per seed, then mean ± sd over {seeds} seed(s) (each row "
             "retrained with Table 5's seed; the pools and the attacks are the first seed's). Rows: mean top-1.\n\n"
+            "![frontier in excess terms](frontier-excess.png)\n\n"
             "Target (excess ≤ 0.02, identification ≤ 5%, retained ≥ 75% for E1 and E4), per defence:\n\n"
             + "\n".join(excess_checks(ex, victims, table)) + f"\n\nCommand: `{command}`.\n")
     write_text(run_dir / "frontier-excess.md", text)

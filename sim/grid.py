@@ -238,12 +238,17 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
     return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics, curves)
 
 
+def views_of(cfg: Config, entity: Entity) -> list[Entity]:
+    """The entity, then ``decider.views`` − 1 augmented copies of its shard under its name (so its stored DPM)."""
+    views = augmented_views(entity.images, cfg.decider.views, cfg.data.seed)[1:]
+    return [entity, *(Entity(entity.name, v, entity.labels, entity.store) for v in views)]
+
+
 def with_views(cfg: Config, entity: Entity, shared, own: Pool, sent: Pool | None, mode) -> tuple[Pool, Pool | None]:
     """``own`` and ``sent`` (what the entity's contribution gives a receiver) with ``decider.views`` − 1
     augmented views of its shard added: the receiver featurizes its views itself, the sender contributes
     on each view with what it made on the shard (its stored DPM)."""
-    views = augmented_views(entity.images, cfg.decider.views, cfg.data.seed)[1:]
-    copies = [Entity(entity.name, v, entity.labels, entity.store) for v in views]
+    copies = views_of(cfg, entity)[1:]
     own = Pool.union([own, *(c.featurize(shared) for c in copies)])
     if sent is not None:
         sent = Pool.union([sent, *(mode.training_pool(mode.contribute(c, shared, cfg, seed=cfg.data.seed).pool(),
