@@ -50,6 +50,7 @@ from entities.report import markdown_table, write_json
 from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, get_mode
 from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
+from sim.executors import add_executor_args, executor_from_args, run_all
 from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, row_key
 
 log = logging.getLogger("poisonpool")
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help=f"points to measure (default all): {', '.join(repr(n) for n in POINT_NAMES)}")
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
+    add_executor_args(parser, "point")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -318,7 +320,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir.mkdir(parents=True, exist_ok=True)
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
-    table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families) for p in chosen])
+    with executor_from_args(args, base.threads) as executor:  # each point a task (Ray, or --sequential)
+        table = pd.DataFrame(run_all(executor, [(f"point {p.name}", measure, (args.config, overrides, p, store, rows,
+                                                                               families)) for p in chosen]))
     prog, *given = command_line("python -m sim.attack frontier", argv)
     command = f"{prog} {shlex.join(given)}".strip()
     write(table, base, victims, run_dir, command, time.time() - started)
