@@ -280,12 +280,33 @@ def run_suite(cfg: Config, families: list[str], modes: list[str], store: CellSto
         run.figure_images[v] = torch.as_tensor(split.S.train_images[shards[v][rows[v][:FIGURE_CANDIDATES]]]
                                                ).float() / 255.0
     log.info("attack suite: %d cells to compute, %d already stored in %s", len(todo), len(run.reused), store.dir)
-    if todo:
-        _compute(cfg, split, shards, rows, todo, flower_pools or {}, modes, executor, store, found, run, len(cells))
+    twins = raw_twins(cells, todo)
+    computed = [c for c in todo if c.key not in twins]
+    if computed:
+        _compute(cfg, split, shards, rows, computed, flower_pools or {}, modes, executor, store, found, run,
+                 len(cells))
+    for c in todo:
+        if c.key in twins and twins[c.key] in found:
+            twin = found[twins[c.key]]
+            found[c.key] = store.put(c.key, {**twin, "mode": RAW, "seconds": 0.0}, store.thumbnails(twin["key"]))
+            run.computed.append(c.key)
+    lost = [c for c in todo if c.key not in found]
+    if lost:
+        raise SuiteError(f"{len(lost)} of {len(todo)} cells failed; the {len(run.computed)} finished are stored in "
+                         f"{store.dir}, a rerun computes only the rest")
     run.records = [found[c.key] for c in cells if c.key in found]
     run.seconds = time.time() - t0
     log.info("attack suite: %d cells computed, %d reused, %.0fs", len(run.computed), len(run.reused), run.seconds)
     return run
+
+
+def raw_twins(cells: list[Cell], todo: list[Cell]) -> dict[str, str]:
+    """Raw-image cells whose figures are the clean control's: every attacker but ``image`` reads a raw
+    pool through φ1 of the very images, rows and labels of the clean control (the recipe of both is the
+    identity), so it returns the same reconstruction. Missing cell's key -> its clean twin's key."""
+    key_of = {(c.victim, c.mode, c.attacker): c.key for c in cells}
+    return {c.key: key_of[(c.victim, CLEAN, c.attacker)] for c in todo
+            if c.mode == RAW and c.family != "image" and (c.victim, CLEAN, c.attacker) in key_of}
 
 
 def _compute(cfg: Config, split, shards: dict[str, np.ndarray], rows: dict[str, np.ndarray], todo: list[Cell],
