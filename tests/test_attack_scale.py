@@ -109,14 +109,14 @@ def wait_for_cells(run_dir: Path, proc: subprocess.Popen, n: int, timeout: float
 
 
 def busy_workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The driver's Ray workers that are running a task now."""
+    """The driver's Ray workers running a cell now (Ray titles a busy worker ``ray::<task name>``)."""
     out = []
     for p in psutil.Process(proc.pid).children(recursive=True):
         try:
             title = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::") and "IDLE" not in title:
+        if title.startswith("ray::") and " vs " in title:
             out.append(p)
     return out
 

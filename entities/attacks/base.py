@@ -156,9 +156,14 @@ class Knowledge:
     def trained(self, tag: str, build: Callable[[], nn.Module], train: Callable[[nn.Module], object],
                 clean: bool = False) -> nn.Module:
         """The model ``tag`` from this run, from the attacker's store, or built, trained and stored now;
-        ``clean``: trained on clean public pairs only, so stored under :attr:`clean_key`."""
+        ``clean``: trained on clean public pairs only, so stored under :attr:`clean_key`.
+
+        The initial weights are drawn from the attacker's seed, not from whatever the random state was
+        when this model's turn came: a model trained in a task of its own, in any order, is the same.
+        """
         if tag in self.memo:
             return self.memo[tag]
+        torch.manual_seed(self.seed)
         model = build()
         path = self.model_path(tag, clean)
         if path.is_file():
