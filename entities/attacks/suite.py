@@ -350,9 +350,6 @@ def _compute(cfg: Config, split, shards: dict[str, np.ndarray], rows: dict[str, 
     def pool_label(p: tuple[str, str]) -> str:
         return f"pool {p[0]} {p[1]}"
 
-    def blocked(label: str) -> str | None:
-        return failed.get(label)
-
     def schedule() -> None:
         """Submit every task whose inputs are now done (in the card's order)."""
         for p in pools:
