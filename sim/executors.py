@@ -114,9 +114,9 @@ def add_executor_args(parser, what: str) -> None:
     parser.add_argument("--sequential", action="store_true", help=f"run the {what}s in this process, without Ray")
     parser.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    parser.add_argument(f"--cpus-per-{what}", type=int, default=1, dest="cpus_per_task",
+    parser.add_argument(f"--cpus-per-{what}", type=int, default=1, dest="cpus_per_task", metavar="N",
                         help=f"CPUs (and torch threads) each {what}'s Ray task reserves")
-    parser.add_argument(f"--gpus-per-{what}", type=float, default=0.0, dest="gpus_per_task",
+    parser.add_argument(f"--gpus-per-{what}", type=float, default=0.0, dest="gpus_per_task", metavar="FRACTION",
                         help=f"GPUs each {what}'s Ray task reserves, a fraction to share one (with device=cuda)")
     parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray instance without dashboard")
 
