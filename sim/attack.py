@@ -2,6 +2,7 @@
 
     python -m sim.attack [--config collab] [--from-flower results/flower/<run>] [--attacks psi decoder ...]
                          [--share dpm mdp ...] [--run-name NAME] [--set attack.images=200 threads=1]
+                         [--plan] [--sequential | --address auto] [--cpus-per-cell 1] [--gpus-per-cell 0.5]
     python -m sim.attack frontier [--points NAME ...] [...]   (the privacy-utility frontier: sim/frontier.py)
 
 A collaborator (``attack.attacker``, default E2) attacks the pools of ``attack.victims`` (default E1
@@ -9,7 +10,11 @@ and the data-poor E4) with every attacker of :mod:`entities.attacks`, in every s
 for (default all: DPM pools, Table 3's GN/GF/MF in front of the DPM, MDP, AugMDP, raw images) and
 in the two controls, clean φ1 features and raw images, which every report has. Step 1, the DPMs
 and MDP sets are reused from ``results/artefacts/``; ``--from-flower`` takes the DPM pools of a
-``flwr run sim/`` instead. Each finished cell is stored at once, so a killed run resumes. Output:
+``flwr run sim/`` instead. Each finished cell is stored at once, so a killed run resumes.
+The cells run as Ray tasks (a local instance, or the cluster of ``--address``), or in this process with
+``--sequential``; the models many cells share are trained once, as tasks of their own, and each cell is
+stored by this process as it finishes (:func:`entities.attacks.suite.run_suite`). ``--plan`` prints the
+cells, which are stored, and an estimate of the time, and computes nothing. Output:
 ``results/attack/<run>/`` with ``report.md|csv`` (rows attackers, columns modes, cells disclosure
 SSIM · identification rate, the worst case per mode in bold), ``report.png`` (real image, ψ and the
 worst attacker per mode) and ``report.json`` (the worst cases, read by the Flower summary and by
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +36,7 @@ import torch
 from entities.attacks import ATTACKS
 from entities.attacks.base import ATTACK_MODES, CONTROLS, LABEL_ONLY_MODES, attack_mode_name, check_attack_mode
 from entities.attacks.card import REPORT_INDEX, CellStore, card_table, defence_key, settings_key, worst_cases
-from entities.attacks.suite import SuiteRun, check_parties, run_suite
+from entities.attacks.suite import SuiteRun, check_parties, plan_cells, run_suite
 from entities.config import Config
 from entities.entity import Pool
 from entities.mdp import describe_pgd
@@ -40,6 +46,7 @@ from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, markdown_table, write_json
 from entities.sharing import DPM
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
+from sim.executors import add_executor_args, executor_from_args
 from sim.grid import feature_shape, load_flower_pools
 
 log = logging.getLogger("poisonpool")
@@ -165,6 +172,36 @@ def figure(cells: pd.DataFrame, worst: pd.DataFrame, run: SuiteRun, modes: list[
         image_grid({t: torch.stack(v) for t, v in columns.items()}, path, labels, captions)
 
 
+def cell_seconds(results_dir: Path) -> dict[str, float]:
+    """Mean seconds per attacker over every stored cell under ``results_dir/attack`` (any settings): what
+    ``--plan`` estimates with. A cell's seconds include its share of the pool and models it used."""
+    seen: dict[str, list[float]] = {}
+    for path in (results_dir / "attack").glob("*/artefacts/cells/*.json"):
+        record = json.loads(path.read_text())
+        seen.setdefault(record["attacker"], []).append(record.get("seconds", 0.0))
+    return {a: sum(v) / len(v) for a, v in seen.items()}
+
+
+def plan(cfg: Config, families: list[str], modes: list[str], store: CellStore, pool_source: str, slots: int
+         ) -> pd.DataFrame:
+    """Every cell of the report, whether it is stored, and the time the missing ones should take."""
+    cells = plan_cells(cfg, families, modes, pool_source)
+    table = pd.DataFrame([{"victim": c.victim, "mode": c.mode, "attacker": c.attacker, "key": c.key,
+                           "stored": store.get(c.key) is not None} for c in cells])
+    missing = table[~table["stored"]]
+    means = cell_seconds(cfg.results_dir())
+    known = missing["attacker"].map(means)
+    for _, c in table.iterrows():
+        state = "stored " if c["stored"] else "to run "
+        print(f"{state} {c['victim']:<4} {c['mode']:<10} {c['attacker']:<24} {c['key']}")
+    unknown = f" ({known.isna().sum()} cells of attackers never stored: not counted)" if known.isna().any() else ""
+    estimate = (f"about {known.sum() / 60:.1f} min of work, {known.sum() / 60 / slots:.1f} min on {slots} task "
+                f"slot(s), from the mean seconds of stored cells of the same attackers{unknown}"
+                if known.notna().any() else "no estimate: no cell of these attackers is stored under this results root")
+    print(f"{len(table)} cells: {int(table['stored'].sum())} stored, {len(missing)} to run; {estimate}", flush=True)
+    return table
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["frontier"]:
@@ -182,6 +219,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--from-flower", type=Path, default=None, metavar="DIR",
                         help="attack the DPM pools of this `flwr run sim/` results directory (default: the "
                              "victims' own DPMs)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the cells, which are stored and a time estimate; compute nothing")
+    add_executor_args(parser, "cell")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -196,8 +236,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir = cfg.results_dir() / "attack" / run_name(args, cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     store = CellStore(run_dir)
+    if args.plan:
+        slots = 1 if args.sequential else max(1, (args.num_cpus or os.cpu_count() or 1) // args.cpus_per_task)
+        return plan(cfg, families, modes, store, source, slots)
     t0 = time.time()
-    run = run_suite(cfg, families, modes, store, pools, source)
+    with executor_from_args(args, cfg.threads) as executor:
+        run = run_suite(cfg, families, modes, store, pools, source, executor)
     command = "python -m sim.attack " + " ".join(argv)
     cells = write_report(cfg, run, modes, run_dir, store, command.strip(), source)
     write_provenance(run_dir, started, command_line("python -m sim.attack", argv))

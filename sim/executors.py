@@ -5,16 +5,26 @@ one grid either way and compare them.
 An executor ``put``s data once (Ray's object store; in-process, the object itself), ``submit``s a
 call under a label (the Ray dashboard shows it) and hands back results in the order they finish
 with ``next_done``. A task's function receives ``threads``: the torch threads it may use.
+``ref(handle, result)`` is what a later task takes as an argument for a finished one: on Ray the
+task's own object reference, so a result (a trained model) travels from the worker that made it to
+the workers that use it without a second copy through the driver. ``slots`` is how many tasks run
+at once, for the callers that keep only a few large inputs alive at a time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
 
 from sim.cli import setup_logging
+
+log = logging.getLogger("poisonpool")
 
 
 class Sequential:
@@ -24,8 +34,13 @@ class Sequential:
         self.threads = threads  # 0: torch's default, i.e. every core for one task at a time
         self._queue: deque = deque()
 
+    slots = 1
+
     def put(self, obj):
         return obj
+
+    def ref(self, handle, result):
+        return result
 
     def submit(self, label: str, fn: Callable, *args, **kwargs):
         handle = object()
@@ -50,17 +65,25 @@ def _in_worker(fn: Callable, *args, **kwargs):
 
 
 class RayPool:
-    """Each call a Ray task reserving ``cpus`` CPUs (and as many torch threads); data via ``ray.put``."""
+    """Each call a Ray task reserving ``cpus`` CPUs (and as many torch threads) and ``gpus`` GPUs (a
+    fraction shares one: 0.5 puts two tasks on each); data via ``ray.put``. A task whose worker dies
+    (killed, out of memory) is retried by Ray up to ``retries`` times."""
 
-    def __init__(self, cpus: int = 1) -> None:
+    def __init__(self, cpus: int = 1, gpus: float = 0.0, retries: int = 3) -> None:
         import ray
 
         self.ray = ray
         self.threads = cpus
-        self._task = ray.remote(num_cpus=cpus)(_in_worker)
+        self._task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries)(_in_worker)
+        resources = ray.cluster_resources()
+        per_task = [resources.get("CPU", 1) / cpus] + ([resources.get("GPU", 0) / gpus] if gpus else [])
+        self.slots = max(1, int(min(per_task)))
 
     def put(self, obj):
         return self.ray.put(obj)
+
+    def ref(self, handle, result):
+        return handle
 
     def submit(self, label: str, fn: Callable, *args, **kwargs):
         return self._task.options(name=label).remote(fn, *args, threads=self.threads, **kwargs)
@@ -84,3 +107,63 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     os.environ.setdefault("RAY_worker_niceness", "0")
     local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
     return ray.init(address=address, **local).dashboard_url or ""
+
+
+def add_executor_args(parser, what: str) -> None:
+    """The options of a command whose ``what``s (cells, points) run as tasks: where, and on how much."""
+    parser.add_argument("--sequential", action="store_true", help=f"run the {what}s in this process, without Ray")
+    parser.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto' (default: start one)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument(f"--cpus-per-{what}", type=int, default=1, dest="cpus_per_task", metavar="N",
+                        help=f"CPUs (and torch threads) each {what}'s Ray task reserves")
+    parser.add_argument(f"--gpus-per-{what}", type=float, default=0.0, dest="gpus_per_task", metavar="FRACTION",
+                        help=f"GPUs each {what}'s Ray task reserves, a fraction to share one (with device=cuda)")
+    parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray instance without dashboard")
+
+
+@contextmanager
+def executor_from_args(args, threads: int) -> Iterator[Sequential | RayPool]:
+    """``--sequential``: this process with ``threads`` torch threads; else Ray, joined or started here
+    (its dashboard's URL printed), shut down on the way out."""
+    if args.sequential:
+        yield Sequential(threads)
+        return
+    import ray
+
+    url = start_ray(args.address, args.num_cpus, dashboard=not args.no_dashboard)
+    try:
+        if url:
+            print(f"Ray dashboard: http://{url}", flush=True)
+        if args.gpus_per_task and not ray.cluster_resources().get("GPU"):
+            raise ValueError("a GPU share per task needs a Ray cluster with GPUs; this one has none")
+        pool = RayPool(args.cpus_per_task, args.gpus_per_task)
+        log.info("Ray: %d CPUs, %d GPUs, %d per task, %d tasks at once", int(ray.cluster_resources().get("CPU", 0)),
+                 int(ray.cluster_resources().get("GPU", 0)), args.cpus_per_task, pool.slots)
+        yield pool
+    finally:
+        ray.shutdown()
+
+
+def with_threads(fn: Callable, *args, threads: int = 0, **kwargs):
+    """A task body for a function that takes no ``threads``: torch gets that many before it runs."""
+    if threads:
+        torch.set_num_threads(threads)
+    return fn(*args, **kwargs)
+
+
+def run_all(executor, calls: list[tuple[str, Callable, tuple]]) -> list:
+    """Each ``(label, fn, args)`` as a task (``fn`` without ``threads``); results in the calls' order once
+    all are done, or the first error (after the others finished, so their own stores keep them)."""
+    pending = {executor.submit(label, with_threads, fn, *args): i for i, (label, fn, args) in enumerate(calls)}
+    results: dict[int, object] = {}
+    errors = []
+    while pending:
+        handle, result, err = executor.next_done(pending)
+        i = pending.pop(handle)
+        if err is not None:
+            log.error("%s failed: %s", calls[i][0], err)
+            errors.append(err)
+        results[i] = result
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(calls))]

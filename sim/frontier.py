@@ -52,6 +52,7 @@ from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, g
 from entities.sharing.dpm import k_anonymous
 from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
+from sim.executors import add_executor_args, executor_from_args, run_all
 from sim.grid import RAW as RAW_ROW
 from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key, views_of
 
@@ -444,6 +445,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
     parser.add_argument("--seeds", type=int, default=1, help="Table 5's rows at seeds data.seed, data.seed+1, ...")
+    add_executor_args(parser, "point")
     add_config_args(parser)
     parser.set_defaults(config="collab")
     args = parser.parse_args(argv)
@@ -461,7 +463,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir.mkdir(parents=True, exist_ok=True)
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
-    table = pd.DataFrame([measure(args.config, overrides, p, store, rows, families, args.seeds) for p in chosen])
+    with executor_from_args(args, base.threads) as executor:  # each point a task (Ray, or --sequential)
+        table = pd.DataFrame(run_all(executor, [(f"point {p.name}", measure, (args.config, overrides, p, store, rows,
+                                                                               families, args.seeds))
+                                                for p in chosen]))
     prog, *given = command_line("python -m sim.attack frontier", argv)
     command = f"{prog} {shlex.join(given)}".strip()
     write(table, base, victims, run_dir, command, time.time() - started)

@@ -162,9 +162,14 @@ class Knowledge:
     def trained(self, tag: str, build: Callable[[], nn.Module], train: Callable[[nn.Module], object],
                 clean: bool = False) -> nn.Module:
         """The model ``tag`` from this run, from the attacker's store, or built, trained and stored now;
-        ``clean``: trained on clean public pairs only, so stored under :attr:`clean_key`."""
+        ``clean``: trained on clean public pairs only, so stored under :attr:`clean_key`.
+
+        The initial weights are drawn from the attacker's seed, not from whatever the random state was
+        when this model's turn came: a model trained in a task of its own, in any order, is the same.
+        """
         if tag in self.memo:
             return self.memo[tag]
+        torch.manual_seed(self.seed)
         model = build()
         path = self.model_path(tag, clean)
         if path.is_file():
@@ -179,11 +184,35 @@ class Knowledge:
 
 
 @dataclass(frozen=True)
+class Model:
+    """A model several cells use, trained once as its own task before them (:mod:`entities.attacks.suite`).
+
+    ``train`` builds it through :meth:`Knowledge.trained`, so it lands in the attacker's store and in
+    ``Knowledge.memo`` under the tags the family's ``reconstruct`` looks up. ``tag`` names the task:
+    cells naming the same tag share one. ``pool``: fitted to the victim's pool, so it needs the
+    :class:`Target` (tags of such models name the victim and mode). ``after``: tags of models it
+    starts from, trained first and handed to it.
+    """
+
+    tag: str
+    train: Callable[[Knowledge, Target | None], object]
+    pool: bool = False
+    after: tuple[str, ...] = ()
+
+
+def no_models(cfg: Config, victim: str, mode: str, name: str) -> list[Model]:
+    return []
+
+
+@dataclass(frozen=True)
 class Family:
-    """One family of attackers: its name (``--attacks``), the attackers it fields (report rows) and how
-    each turns a :class:`Target` into one image per scored item, or None where it does not apply."""
+    """One family of attackers: its name (``--attacks``), the attackers it fields (report rows), how
+    each turns a :class:`Target` into one image per scored item (None where it does not apply), and
+    the models the attacker ``name`` needs against ``victim`` in ``mode``, which the suite trains
+    once for every cell that names them."""
 
     name: str
     summary: str
     attackers: Callable[[Config], list[str]]
     reconstruct: Callable[[Knowledge, Target, str], torch.Tensor | None]
+    models: Callable[[Config, str, str, str], list[Model]] = no_models

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from entities import runtime
-from entities.attacks.base import Family, Knowledge, Target
+from entities.attacks.base import Family, Knowledge, Model, Target
 from entities.config import AttackConfig, Config
 from entities.decoders import build_decoder, decoder_loss
 from entities.train import batch, fit, infer
@@ -59,5 +59,9 @@ def _attackers(cfg: Config) -> list[str]:
     return ["decoder"]
 
 
+def _models(cfg: Config, victim: str, mode: str, name: str) -> list[Model]:
+    return [Model("decoder", lambda know, target: clean_decoder(know))]
+
+
 FAMILY = Family("decoder", "a residual U-Net-like decoder, L1 + SSIM loss, trained on clean φ1(Q) pairs",
-                _attackers, _reconstruct)
+                _attackers, _reconstruct, _models)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from entities.attacks.base import CLEAN, FEATURE_MODES, Family, Knowledge, Target, recipe, uses_dpm
+from entities.attacks.base import CLEAN, FEATURE_MODES, Family, Knowledge, Model, Target, recipe, uses_dpm
 from entities.attacks.decoder import capped, train_decoder
 from entities.attacks.transfer import own_pairs
 from entities.config import Config
@@ -74,5 +74,9 @@ def _attackers(cfg: Config) -> list[str]:
     return ["dpm-agnostic"]
 
 
+def _models(cfg: Config, victim: str, mode: str, name: str) -> list[Model]:
+    return [Model("agnostic-decoder", lambda know, target: agnostic_decoder(know))]
+
+
 FAMILY = Family("dpm-agnostic", "one decoder on pairs poisoned by several DPMs of the published recipe",
-                _attackers, _reconstruct)
+                _attackers, _reconstruct, _models)

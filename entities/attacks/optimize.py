@@ -17,7 +17,7 @@ from torch import nn
 
 from entities import runtime
 from entities.attacks.base import Family, Knowledge, Target, recipe, uses_dpm
-from entities.attacks.substitute import pool_digest, substitute_decoder, substitute_map
+from entities.attacks.substitute import substitute_decoder, substitute_map, substitute_models, substitute_tag
 from entities.attacks.transfer import transfer_decoder
 from entities.config import Config
 from entities.train import freeze, infer
@@ -59,7 +59,7 @@ def invert(model: nn.Module, features: torch.Tensor, start: torch.Tensor) -> tor
 def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor:
     shown = target.features[target.rows]
     if uses_dpm(target.mode):
-        g = substitute_map(know, target, f"{target.victim}-{target.mode}-{pool_digest(target)}")
+        g = substitute_map(know, target, substitute_tag(target))
         start = infer(substitute_decoder(know, target), shown)
         model = nn.Sequential(know.shared.phi1, recipe(target.mode, g, know.seed))
     else:  # the published map: the identity, or DeepObfuscator's obfuscator, which every party holds
@@ -73,4 +73,4 @@ def _attackers(cfg: Config) -> list[str]:
 
 
 FAMILY = Family("optimize", "white-box inversion by optimisation through φ1 and the substitute map (He et al. 2019), "
-                "from the substitute decoder's reconstruction", _attackers, _reconstruct)
+                "from the substitute decoder's reconstruction", _attackers, _reconstruct, substitute_models)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from entities import runtime
-from entities.attacks.base import Family, Knowledge, Target, recipe, uses_dpm
+from entities.attacks.base import Family, Knowledge, Model, Target, recipe, uses_dpm
 from entities.attacks.decoder import capped, train_decoder
-from entities.attacks.transfer import own_pairs, transfer_decoder
+from entities.attacks.transfer import own_pairs, transfer_decoder, transfer_model
 from entities.config import Config
 from entities.decoders import build_decoder
 from entities.train import batch, fit, freeze, infer, labels_of
@@ -95,9 +95,13 @@ def substitute_map(know: Knowledge, target: Target, tag: str) -> nn.Module:
     return know.trained(f"substitute-map-{tag}", build, train)
 
 
+def substitute_tag(target: Target) -> str:
+    return f"{target.victim}-{target.mode}-{pool_digest(target)}"
+
+
 def substitute_decoder(know: Knowledge, target: Target) -> nn.Module:
     """The transfer decoder of the mode, fine-tuned on (G(φ1(x)), x) pairs of the attacker's shard and Q."""
-    tag = f"{target.victim}-{target.mode}-{pool_digest(target)}"
+    tag = substitute_tag(target)
     g = substitute_map(know, target, tag)
 
     def build() -> nn.Module:
@@ -127,5 +131,15 @@ def _attackers(cfg: Config) -> list[str]:
     return ["substitute"]
 
 
+def substitute_models(cfg: Config, victim: str, mode: str, name: str) -> list[Model]:
+    """The transfer decoder of the mode and, where a DPM is shared, G and the decoder through it, fitted
+    to this victim's pool: the substitute and optimize cells of that pool share both."""
+    transfer = transfer_model(mode)
+    if not uses_dpm(mode):
+        return [transfer]
+    return [transfer, Model(f"substitute-{victim}-{mode}", lambda know, target: substitute_decoder(know, target),
+                            pool=True, after=(transfer.tag,))]
+
+
 FAMILY = Family("substitute", "FORA-style: a map fitted to the victim's pool by class-conditional MMD, then "
-                "a decoder on the attacker's pairs through it", _attackers, _reconstruct)
+                "a decoder on the attacker's pairs through it", _attackers, _reconstruct, substitute_models)

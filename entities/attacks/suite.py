@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
 
+from entities import runtime
 from entities.attacks import ATTACKS
 from entities.attacks.base import (
     CLEAN,
@@ -24,6 +27,7 @@ from entities.attacks.base import (
     LABEL_ONLY_MODES,
     OBFUSCATOR,
     Knowledge,
+    Model,
     Target,
     check_attack_mode,
     recipe,
@@ -42,7 +46,7 @@ from entities.pipeline import (
     load_task,
     step1,
 )
-from entities.sharing import DPM, RAW, contribute, get_mode
+from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, get_mode
 from entities.train import infer
 
 log = logging.getLogger("poisonpool")
@@ -160,63 +164,296 @@ def _thumbnails(recon: torch.Tensor, truth: np.ndarray, candidates: np.ndarray) 
     return {"images": images, "present": present}
 
 
-def run_suite(cfg: Config, families: list[str], modes: list[str], store: CellStore,
-              flower_pools: dict[str, Pool] | None = None, pool_source: str = "own") -> SuiteRun:
-    """Compute every cell not yet stored for these settings, storing each as soon as it is scored."""
-    t0 = time.time()
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the card: ``attacker`` (of ``family``) against ``victim``'s pool in ``mode``, under ``key``."""
+
+    victim: str
+    mode: str
+    family: str
+    attacker: str
+    key: str
+
+
+def plan_cells(cfg: Config, families: list[str], modes: list[str], pool_source: str = "own") -> list[Cell]:
+    """Every cell of the report, in the card's order (victim, mode, attacker); nothing is loaded or built."""
     victims = check_parties(cfg)
     unknown = [f for f in families if f not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; valid: {', '.join(ATTACKS)}")
     modes = [check_attack_mode(m) for m in modes]
+    names = [(f, name) for f in families for name in ATTACKS[f].attackers(cfg)]
+    return [Cell(v, m, f, name, cell_key(cfg, name, v, m, pool_source)) for v in victims for m in modes
+            for f, name in names]
+
+
+_configured: tuple | None = None
+
+
+def _task_runtime(cfg: Config, threads: int) -> None:
+    """Configure this process's runtime once (a Ray worker runs many tasks; the driver already has one)."""
+    global _configured
+    want = (cfg.device, cfg.precision, threads)
+    if _configured != want:
+        runtime.configure(cfg, threads)
+        _configured = want
+
+
+def _build_target(cfg: Config, shared: SharedModules, victim: Entity, mode: str, rows: np.ndarray,
+                  flower_pool: Pool | None, threads: int = 0) -> tuple[Target, dict[str, np.ndarray], float]:
+    """Task: the victim's pool in ``mode`` (:func:`victim_target`) and how long it took."""
+    _task_runtime(cfg, threads)
+    t0 = time.time()
+    return (*victim_target(victim, mode, shared, cfg, rows, flower_pool), time.time() - t0)
+
+
+def _train_model(model: Model, know: Knowledge, pool: tuple | None, *after: tuple[dict, float],
+                 threads: int = 0) -> tuple[dict[str, nn.Module], float]:
+    """Task: train (or load from the attacker's store) one shared model, starting from the ``after``
+    models it names (``pool``: what :func:`_build_target` returned, for a model fitted to the pool);
+    returns every model it added to the memo, on the CPU, and its seconds."""
+    _task_runtime(know.cfg, threads)
+    target = pool[0] if pool is not None else None
+    for models, _ in after:
+        know.memo.update(models)
+    before = set(know.memo)
+    t0 = time.time()
+    model.train(know, target)
+    return {tag: m.cpu() for tag, m in know.memo.items() if tag not in before}, time.time() - t0
+
+
+def _attack_cell(cell: Cell, know: Knowledge, pool: tuple, images: np.ndarray, candidates: np.ndarray,
+                 *models: tuple[dict, float], threads: int = 0) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Task: one cell's reconstruction of the pool (what :func:`_build_target` returned), scored, with
+    its figure thumbnails (None where it does not apply)."""
+    _task_runtime(know.cfg, threads)
+    target, refs, _ = pool
+    for trained, _ in models:
+        know.memo.update(trained)
+    t0 = time.time()
+    recon = ATTACKS[cell.family].reconstruct(know, target, cell.attacker)
+    record = {"victim": cell.victim, "mode": cell.mode, "attacker": cell.attacker, "family": cell.family,
+              "attacked_by": know.cfg.attack.attacker, "shard": len(images), "scored": len(refs["shown"])}
+    if recon is None:
+        return record | {"status": NOT_APPLICABLE, "seconds": time.time() - t0}, None
+    scores = score(recon, images, refs, know.cfg.attack.gallery, know.cfg.attack.seed)
+    thumbs = _thumbnails(recon, refs[scores["reference"]], candidates)
+    return record | {"status": "ok", **scores, "seconds": time.time() - t0}, thumbs
+
+
+@dataclass
+class _Job:
+    """A task the driver waits on: a pool (``target``), a shared model or a cell."""
+
+    kind: str
+    label: str
+    what: object  # (victim, mode), a Model, or a Cell
+
+
+def run_suite(cfg: Config, families: list[str], modes: list[str], store: CellStore,
+              flower_pools: dict[str, Pool] | None = None, pool_source: str = "own", executor=None) -> SuiteRun:
+    """Compute every cell not yet stored for these settings, each as a task of ``executor`` (default:
+    in this process), storing each here, on the driver, as soon as it is scored.
+
+    The tasks: each victim's pool per mode with missing cells (AugMDP after MDP, whose set is its
+    first draw; at most ``executor.slots + 1`` pools held at once), each model the missing cells
+    share (:class:`~entities.attacks.base.Model`: trained once, then passed to every cell naming
+    it), and the cells, each submitted once its pool and models are done. Step 1, the attacker's
+    knowledge and the victims' DPMs are made here first, so no two tasks train the same artefact.
+    """
+    from sim.executors import Sequential
+
+    t0 = time.time()
+    executor = executor or Sequential(cfg.threads)
+    modes = [check_attack_mode(m) for m in modes]
+    cells = plan_cells(cfg, families, modes, pool_source)
     split = load_task(cfg)
     shards = entity_shards(cfg, split)
-    art = ArtefactStore(cfg)
-    names = [(f, name) for f in families for name in ATTACKS[f].attackers(cfg)]
-    total = len(victims) * len(modes) * len(names)
     run = SuiteRun()
-    shared: SharedModules | None = None
-    know: Knowledge | None = None
-    for victim_name in victims:
-        images, labels = split.S.train_images[shards[victim_name]], split.S.train_labels[shards[victim_name]]
-        rows = scored_rows(len(labels), cfg)
-        candidates = rows[:FIGURE_CANDIDATES]
-        run.figure_images[victim_name] = torch.as_tensor(images[candidates]).float() / 255.0
-        victim = Entity(victim_name, images, labels, art)
-        for mode in modes:
-            cells = [(f, name, cell_key(cfg, name, victim_name, mode, pool_source)) for f, name in names]
-            target = refs = None
-            for family, name, key in cells:
-                stored = store.get(key)
-                if stored is not None:
-                    run.records.append(stored)
-                    run.reused.append(key)
-                    continue
-                if shared is None:
-                    shared = with_obfuscator(step1(cfg, split, art), cfg, split, art, modes)
-                if target is None:
-                    pool = (flower_pools or {}).get(victim_name)
-                    target, refs = victim_target(victim, mode, shared, cfg, rows, pool)
-                if know is None:
-                    know = attacker_knowledge(cfg, split, shared, art, shards)
-                t1 = time.time()
-                recon = ATTACKS[family].reconstruct(know, target, name)
-                record = {"victim": victim_name, "mode": mode, "attacker": name, "family": family,
-                          "attacked_by": cfg.attack.attacker, "shard": len(labels), "scored": len(rows)}
-                if recon is None:
-                    record |= {"status": NOT_APPLICABLE, "seconds": time.time() - t1}
-                    run.records.append(store.put(key, record))
-                else:
-                    scores = score(recon, images, refs, cfg.attack.gallery, cfg.attack.seed)
-                    record |= {"status": "ok", **scores, "seconds": time.time() - t1}
-                    thumbs = _thumbnails(recon, refs[scores["reference"]], candidates)
-                    run.records.append(store.put(key, record, thumbs))
-                run.computed.append(key)
-                done = len(run.computed) + len(run.reused)
-                shown = (f"disclosure {record['disclosure']:.3f}, identified {record['identification']:.1%} "
-                         f"(chance {record['chance']:.1%})" if recon is not None else "does not apply")
-                log.info("[%d/%d] %s attacks %s, %s, %s: %s (%.0fs)", done, total, cfg.attack.attacker, victim_name,
-                         mode, name, shown, record["seconds"])
+    found: dict[str, dict] = {}
+    todo = []
+    for cell in cells:
+        stored = store.get(cell.key)
+        if stored is None:
+            todo.append(cell)
+        else:
+            found[cell.key] = stored
+            run.reused.append(cell.key)
+    victims = list(dict.fromkeys(c.victim for c in cells))
+    rows = {v: scored_rows(len(shards[v]), cfg) for v in victims}
+    for v in victims:
+        run.figure_images[v] = torch.as_tensor(split.S.train_images[shards[v][rows[v][:FIGURE_CANDIDATES]]]
+                                               ).float() / 255.0
+    log.info("attack suite: %d cells to compute, %d already stored in %s", len(todo), len(run.reused), store.dir)
+    twins = raw_twins(cells, todo)
+    computed = [c for c in todo if c.key not in twins]
+    if computed:
+        _compute(cfg, split, shards, rows, computed, flower_pools or {}, modes, executor, store, found, run,
+                 len(cells))
+    for c in todo:
+        if c.key in twins and twins[c.key] in found:
+            twin = found[twins[c.key]]
+            found[c.key] = store.put(c.key, {**twin, "mode": RAW, "seconds": 0.0}, store.thumbnails(twin["key"]))
+            run.computed.append(c.key)
+    lost = [c for c in todo if c.key not in found]
+    if lost:
+        raise SuiteError(f"{len(lost)} of {len(todo)} cells failed; the {len(run.computed)} finished are stored in "
+                         f"{store.dir}, a rerun computes only the rest")
+    run.records = [found[c.key] for c in cells if c.key in found]
     run.seconds = time.time() - t0
     log.info("attack suite: %d cells computed, %d reused, %.0fs", len(run.computed), len(run.reused), run.seconds)
     return run
+
+
+def raw_twins(cells: list[Cell], todo: list[Cell]) -> dict[str, str]:
+    """Raw-image cells whose figures are the clean control's: every attacker but ``image`` reads a raw
+    pool through φ1 of the very images, rows and labels of the clean control (the recipe of both is the
+    identity), so it returns the same reconstruction. Missing cell's key -> its clean twin's key."""
+    key_of = {(c.victim, c.mode, c.attacker): c.key for c in cells}
+    return {c.key: key_of[(c.victim, CLEAN, c.attacker)] for c in todo
+            if c.mode == RAW and c.family != "image" and (c.victim, CLEAN, c.attacker) in key_of}
+
+
+def _compute(cfg: Config, split, shards: dict[str, np.ndarray], rows: dict[str, np.ndarray], todo: list[Cell],
+             flower_pools: dict[str, Pool], modes: list[str], executor, store: CellStore, found: dict[str, dict],
+             run: SuiteRun, total: int) -> None:
+    """The driver of :func:`run_suite`: submits each task once what it needs is done, stores each cell."""
+    t0 = time.time()
+    art = ArtefactStore(cfg)
+    shared = with_obfuscator(step1(cfg, split, art), cfg, split, art, modes)
+    know = attacker_knowledge(cfg, split, shared, art, shards)
+    victims: dict[str, Entity] = {}
+    for name in dict.fromkeys(c.victim for c in todo):
+        victims[name] = Entity(name, split.S.train_images[shards[name]], split.S.train_labels[shards[name]], art)
+        victims[name].featurize(shared)
+        if any(uses_dpm(c.mode) for c in todo if c.victim == name):
+            victims[name].train_dpm(shared, cfg, entity_seed(cfg, name))  # once, before the pools that use it
+    refs_of = {"know": executor.put(know), "shared": executor.put(shared)}
+    for name, victim in victims.items():
+        refs_of[f"victim:{name}"] = executor.put(victim)
+        refs_of[f"images:{name}"] = executor.put(victim.images)
+
+    needs = {c.key: ATTACKS[c.family].models(cfg, c.victim, c.mode, c.attacker) for c in todo}
+    models = {m.tag: m for ms in needs.values() for m in ms}
+    users = {tag: sum(tag in {m.tag for m in ms} for ms in needs.values()) for tag in models}
+    pools = list(dict.fromkeys((c.victim, c.mode) for c in todo))
+    pool_of = {m.tag: (c.victim, c.mode) for c in todo for m in needs[c.key] if m.pool}
+    cells_of = {p: [c for c in todo if (c.victim, c.mode) == p] for p in pools}
+    done: dict[str, object] = {}  # label -> what later tasks take (executor.ref)
+    seconds: dict[str, float] = {}
+    pending: dict[object, _Job] = {}
+    submitted: set[str] = set()
+    failed: dict[str, str] = {}  # label -> why
+    open_pools: set[tuple[str, str]] = set()
+    built: set[str] = set()  # pools built, whether still held or already let go
+    bar = tqdm(total=len(todo), desc="attack cells", unit="cell", disable=None)
+
+    def submit(job: _Job, fn, *args) -> None:
+        submitted.add(job.what.key if job.kind == "cell" else job.label)
+        pending[executor.submit(job.label, fn, *args)] = job
+
+    def pool_label(p: tuple[str, str]) -> str:
+        return f"pool {p[0]} {p[1]}"
+
+    def schedule() -> None:
+        """Submit every task whose inputs are now done (in the card's order)."""
+        for p in pools:
+            label = pool_label(p)
+            if label in submitted or len(open_pools) > executor.slots:
+                continue
+            victim, mode = p
+            if mode == AUGMDP and (victim, MDP) in cells_of and pool_label((victim, MDP)) not in built:
+                continue
+            open_pools.add(p)
+            submit(_Job("pool", label, p), _build_target, cfg, refs_of["shared"], refs_of[f"victim:{victim}"], mode,
+                   rows[victim], flower_pools.get(victim) if mode == DPM else None)
+        for tag, m in models.items():
+            if tag in submitted:
+                continue
+            wait = [pool_label(pool_of[tag])] if m.pool else []
+            wait += list(m.after)
+            if any(w in failed for w in wait):
+                failed[tag] = f"needs {', '.join(w for w in wait if w in failed)}"
+                submitted.add(tag)
+                continue
+            if all(w in done for w in wait):
+                target = done[wait[0]] if m.pool else None
+                submit(_Job("model", tag, m), _train_model, m, refs_of["know"], target, *(done[a] for a in m.after))
+        for p in pools:
+            if pool_label(p) not in done:
+                continue
+            for c in cells_of[p]:
+                if c.key in submitted:
+                    continue
+                wait = [m.tag for m in needs[c.key]]
+                if any(w in failed for w in wait):
+                    failed[c.key] = f"needs {', '.join(w for w in wait if w in failed)}"
+                    submitted.add(c.key)
+                    bar.update(1)
+                    close(p)
+                elif all(w in done for w in wait):
+                    submit(_Job("cell", f"{c.attacker} vs {c.victim} {c.mode}", c), _attack_cell, c,
+                           refs_of["know"], done[pool_label(p)], refs_of[f"images:{c.victim}"],
+                           rows[c.victim][:FIGURE_CANDIDATES], *(done[w] for w in wait))
+
+    left = {p: len(cells_of[p]) for p in pools}
+
+    def close(p: tuple[str, str]) -> None:
+        """A pool's cells are all finished: forget it, so a later pool may be built."""
+        left[p] -= 1
+        if left[p] == 0:
+            open_pools.discard(p)
+            done.pop(pool_label(p), None)
+
+    schedule()
+    while pending:
+        handle, result, err = executor.next_done(pending)
+        job = pending.pop(handle)
+        if err is not None:
+            failed[job.label if job.kind != "cell" else job.what.key] = str(err)
+            log.error("attack suite: %s failed: %s", job.label, err)
+            if job.kind == "pool":
+                built.add(job.label)
+                for c in cells_of[job.what]:
+                    failed.setdefault(c.key, f"needs {job.label}")
+                    submitted.add(c.key)
+                    bar.update(1)
+                    close(job.what)
+            elif job.kind == "cell":
+                bar.update(1)
+                close((job.what.victim, job.what.mode))
+        elif job.kind == "pool":
+            built.add(job.label)
+            done[job.label] = executor.ref(handle, result)
+            seconds[job.label] = result[2]
+        elif job.kind == "model":
+            done[job.label] = executor.ref(handle, result)
+            seconds[job.label] = result[1]
+        else:
+            cell: Cell = job.what
+            record, thumbs = result
+            p = (cell.victim, cell.mode)
+            # the cell's share of the pool and models it used, so stored seconds add up to the work done
+            record["seconds"] += (seconds[pool_label(p)] / len(cells_of[p])
+                                  + sum(seconds[m.tag] / users[m.tag] for m in needs[cell.key]))
+            found[cell.key] = store.put(cell.key, record, thumbs)
+            run.computed.append(cell.key)
+            bar.update(1)
+            close(p)
+            shown = (f"disclosure {record['disclosure']:.3f}, identified {record['identification']:.1%} "
+                     f"(chance {record['chance']:.1%})" if thumbs is not None else "does not apply")
+            elapsed, n = time.time() - t0, len(run.computed)
+            log.info("[%d/%d] %s attacks %s, %s, %s: %s (%.0fs; ETA %.0fs)", n + len(run.reused), total,
+                     cfg.attack.attacker, cell.victim, cell.mode, cell.attacker, shown, record["seconds"],
+                     elapsed / n * (len(todo) - n))
+        schedule()
+    bar.close()
+    lost = [c for c in todo if c.key not in found]
+    if lost:
+        why = "; ".join(f"{c.attacker} vs {c.victim} {c.mode}: {failed.get(c.key, 'not run')}" for c in lost[:5])
+        raise SuiteError(f"{len(lost)} of {len(todo)} cells failed ({why}{'; ...' if len(lost) > 5 else ''}); the "
+                         f"{len(run.computed)} finished are stored in {store.dir}, a rerun computes only the rest")
+
+
+class SuiteError(RuntimeError):
+    """Some cells failed; the others are stored."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from entities.attacks.base import Family, Knowledge, Target, recipe, recipe_tag
+from entities.attacks.base import Family, Knowledge, Model, Target, recipe, recipe_tag
 from entities.attacks.decoder import capped, train_decoder
 from entities.config import Config
 from entities.decoders import build_decoder
@@ -46,5 +46,14 @@ def _attackers(cfg: Config) -> list[str]:
     return ["transfer"]
 
 
+def transfer_model(mode: str) -> Model:
+    """The transfer decoder of ``mode``'s recipe as a task: one per recipe, whatever the victim."""
+    return Model(f"transfer-{recipe_tag(mode)}", lambda know, target: transfer_decoder(know, mode))
+
+
+def _models(cfg: Config, victim: str, mode: str, name: str) -> list[Model]:
+    return [transfer_model(mode)]
+
+
 FAMILY = Family("transfer", "a decoder trained on the attacker's own pairs, poisoned with its own DPM",
-                _attackers, _reconstruct)
+                _attackers, _reconstruct, _models)
