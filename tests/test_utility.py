@@ -16,13 +16,15 @@ from entities.attacks.card import CellStore
 from entities.attacks.suite import run_suite
 from entities.config import load_config
 from entities.data import DataError, find_archive
+from entities.dpm import build_dpm
 from entities.entity import Entity, Pool
 from entities.metrics import excess_disclosure, utility_retained
 from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
 from entities.pools import PoolError, PoolSpec, SharedPool
 from entities.screening import screen
 from entities.sharing import get_mode
-from entities.train import train_decider
+from entities.sharing.dpm import k_anonymous
+from entities.train import augmented_views, train_decider
 from sim.dishonest import MARGIN
 from strategies.records import pack_pool, pack_senders, unpack_pool, unpack_senders
 
@@ -144,3 +146,33 @@ def test_the_receiver_check_refuses_lying_pools_and_keeps_honest_ones(tmp_path):
         assert decision.kept == ["E1", "E3"] and list(decision.refused) == ["E2"], (lie, decision.record())
     with pytest.raises(ValueError, match="margin"):
         screen(shared.phi2, own, pools, -1)
+
+
+def test_k_anonymous_items_are_means_of_k_items_of_their_class():
+    features = torch.arange(24, dtype=torch.float32).reshape(12, 2)
+    labels = np.array([0] * 6 + [1] * 6)
+    mixed = k_anonymous(features, labels, 3, seed=0)
+    for i in range(12):
+        same = features[labels == labels[i]]
+        # the mean of 3 distinct rows of its class, its own among them
+        combos = [(i % 6, a, b) for a in range(6) for b in range(a + 1, 6) if i % 6 not in (a, b)]
+        assert any(torch.allclose(mixed[i], same[list(c)].mean(0)) for c in combos)
+    assert torch.equal(k_anonymous(features, labels, 1, seed=0), features)
+
+
+def test_the_atoms_bottleneck_mixes_more_atoms_than_classes():
+    cfg = load_config("collab", {"dpm.bottleneck": "logits", "dpm.atoms": "32"})
+    phi2 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    dpm = build_dpm(cfg.dpm, (8, 4, 4), phi2)
+    assert dpm.prototypes.shape == (32, 8, 4, 4) and dpm.head.out_features == 32
+    assert dpm(torch.rand(3, 8, 4, 4)).shape == (3, 8, 4, 4)
+    assert build_dpm(load_config("collab", {"dpm.bottleneck": "logits"}).dpm, (8, 4, 4), phi2).prototypes.shape[0] == 5
+
+
+def test_views_add_augmented_copies_of_every_image():
+    images = (np.random.default_rng(0).random((6, 3, 32, 32)) * 255).astype(np.uint8)
+    views = augmented_views(images, 3, seed=0)
+    assert len(views) == 3 and views[0] is images
+    assert all(v.shape == (6, 3, 32, 32) and float(v.min()) >= 0 and float(v.max()) <= 1 for v in views[1:])
+    assert not torch.equal(views[1], views[2])
+    assert torch.equal(views[1], augmented_views(images, 2, seed=0)[1])  # the same draw every run
