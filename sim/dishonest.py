@@ -1,13 +1,15 @@
 """A dishonest collaborator: what one entity's lying pool costs the honest ones, with and without the receivers'
 check (:mod:`entities.screening`).
 
-    python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 2] [--seeds 3] [--sequential]
+    python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 0.5] [--seeds 3] [--sequential]
 
 Every honest entity refines Φ's φ2 on its own φ1 features and every other entity's pool (the Flower app's
 Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's
-rows); the honest entities either keep every pool or screen each sender's pool against their own held-out
-images and keep it only if it costs them no more than ``--margin`` points there. Each (lie, check, receiver,
-seed) is one task, stored as it finishes under a key of everything it depends on, so a rerun resumes. Output:
+rows); the honest entities either keep every pool or screen each sender's pool, keeping it only if its labels
+agree with what Φ's φ2 sees in its items about as well as the others' do (:mod:`entities.screening`, run here:
+it only reads the pools). Each receiver's refinement on the pools it
+kept is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
+share it), so a rerun resumes. Output:
 ``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv``.
 """
 
@@ -68,21 +70,15 @@ def received(inputs: GridInputs, receiver: str, liar: str, lie: Lie, classes: in
     return out
 
 
-def task(inputs: GridInputs, cfg: Config, receiver: str, liar: str, lie: Lie, check: bool, margin: float, seed: int,
-         test_labels: np.ndarray, classes: int, threads: int = 0) -> dict:
-    """One honest receiver's Step 3 under one lie, with or without screening, at one seed."""
+def refine(inputs: GridInputs, cfg: Config, receiver: str, pools: list[Pool], seed: int, test_labels: np.ndarray,
+           threads: int = 0) -> dict:
+    """One receiver's Step 3: Φ's φ2 refined on its own features and ``pools``, scored on S's test split."""
     t0 = time.time()
     runtime.configure(cfg, threads)
-    phi2 = inputs.backbone.split(cfg.backbone.hook)[1]
-    pools = received(inputs, receiver, liar, lie, classes)
-    own = inputs.own[receiver]
-    decision = screen(phi2, own, pools, margin) if check else None
-    kept = decision.kept if decision else list(pools)
-    model = copy.deepcopy(phi2)
-    data = Pool.union([own, *(pools[s] for s in kept)])
+    model = copy.deepcopy(inputs.backbone.split(cfg.backbone.hook)[1])
+    data = Pool.union([inputs.own[receiver], *pools])
     train_decider(model, data.features, data.labels, cfg.decider, seed=seed, what=f"{receiver} decider")
-    top1 = evaluate_classifier(model, inputs.test_features, test_labels)["top1"]
-    return {"top1": top1, "kept": kept, "screening": decision.record() if decision else None,
+    return {"top1": evaluate_classifier(model, inputs.test_features, test_labels)["top1"],
             "seconds": time.time() - t0}
 
 
@@ -139,23 +135,31 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with results_lock(cfg.results_dir()):
         inputs = prepare(cfg)
         split = load_task(cfg)
-        split_labels, classes = split.S.test_labels, len(split.S.classes)
+        phi2 = inputs.backbone.split(cfg.backbone.hook)[1]
+        classes = len(split.S.classes)
         common = {"pools": contributions_key(cfg, "own"), "decider": cfg.key_dict()["decider"], "liar": args.liar,
-                  "margin": args.margin}
-        jobs, records = [], []
+                  **runtime.key_part(cfg.device, cfg.precision)}
+        # Screening reads the pools only (inference), so it runs here; a refinement depends only on which pools,
+        # lying or not, the receiver kept, so settings that keep the same pools share one (honest receivers that
+        # refuse nothing reuse the run without the check; every refused liar leaves the same pools).
+        decisions, jobs = [], {}
         for lie in LIES:
-            for check in (False, True):
-                for receiver in (n for n in names if n != args.liar):
+            for receiver in (n for n in names if n != args.liar):
+                pools = received(inputs, receiver, args.liar, lie, classes)
+                for check in (False, True):
+                    decision = screen(phi2, inputs.own[receiver], pools, args.margin) if check else None
+                    kept = decision.kept if decision else list(pools)
+                    used = tuple((s, lie.name if s == args.liar else "honest") for s in kept)
                     for seed in seeds:
-                        key = artefact_key({**common, "lie": lie.name, "check": check, "receiver": receiver,
-                                            "seed": seed, **runtime.key_part(cfg.device, cfg.precision)})
-                        path = cells / f"{key}.json"
-                        meta = {"lie": lie.name, "check": check, "receiver": receiver, "seed": seed}
-                        if path.is_file():
-                            records.append(json.loads(path.read_text()))
-                        else:
-                            jobs.append((path, meta, lie))
-        log.info("dishonest collaborator: %d tasks to run, %d stored in %s", len(jobs), len(records), cells)
+                        key = artefact_key({**common, "receiver": receiver, "pools used": used, "seed": seed})
+                        jobs.setdefault(key, (receiver, [pools[s] for s in kept], seed))
+                        decisions.append({"lie": lie.name, "check": check, "receiver": receiver, "seed": seed,
+                                          "kept": kept, "refused": sorted(decision.refused) if decision else [],
+                                          "why": decision.refused if decision else {}, "key": key})
+        done = {k: json.loads((cells / f"{k}.json").read_text()) for k in jobs if (cells / f"{k}.json").is_file()}
+        todo = {k: v for k, v in jobs.items() if k not in done}
+        log.info("dishonest collaborator: %d refinements to run, %d stored in %s (for %d settings)", len(todo),
+                 len(done), cells, len(decisions))
         if args.sequential:
             executor = Sequential(cfg.threads)
         else:
@@ -163,14 +167,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 print(f"Ray dashboard: http://{url}", flush=True)
             executor = RayPool(1)
         try:
-            records += run_tasks(executor, inputs, cfg, jobs, args, split_labels, classes)
+            done |= run_tasks(executor, inputs, cfg, todo, cells, split.S.test_labels)
         finally:
             if not args.sequential:
                 import ray
 
                 ray.shutdown()
+        records = [{**d, "top1": done[d["key"]]["top1"]} for d in decisions]
         table = summarise(records)
-        write_text(out_dir / "dishonest.csv", pd.DataFrame(records).drop(columns=["screening"]).to_csv(index=False))
+        write_text(out_dir / "dishonest.csv", pd.DataFrame(records).drop(columns=["why"]).to_csv(index=False))
         command = " ".join(command_line("python -m sim.dishonest", argv))
         text = (f"# A dishonest collaborator: {cfg.name}, liar {args.liar}, sharing {cfg.collab.share}\n\n"
                 f"{markdown_table(table)}\n\n"
@@ -186,31 +191,26 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     return table
 
 
-def run_tasks(executor, inputs: GridInputs, cfg: Config, jobs: list, args, test_labels: np.ndarray, classes: int
-              ) -> list[dict]:
-    """Every missing task through the executor, each stored as it finishes; failures are raised at the end,
-    after the others are stored."""
-    shared, records = executor.put(inputs), []
-    pending = {executor.submit(f"{m['receiver']} {m['lie']} check={m['check']} seed {m['seed']}", task, shared,
-                               cfg, m["receiver"], args.liar, lie, m["check"], args.margin, m["seed"],
-                               test_labels, classes): (path, m) for path, m, lie in jobs}
-    failures = []
+def run_tasks(executor, inputs: GridInputs, cfg: Config, todo: dict, cells, test_labels: np.ndarray) -> dict:
+    """Every missing refinement through the executor, each stored as it finishes; failures are raised at the
+    end, after the others are stored."""
+    shared = executor.put(inputs)
+    pending = {executor.submit(f"{receiver} seed {seed}", refine, shared, cfg, receiver, pools, seed, test_labels):
+               key for key, (receiver, pools, seed) in todo.items()}
+    done, failures = {}, []
     while pending:
         handle, result, err = executor.next_done(pending)
-        path, meta = pending.pop(handle)
+        key = pending.pop(handle)
         if err is not None:
-            failures.append(f"{meta}: {err}")
+            failures.append(f"{todo[key][0]} seed {todo[key][2]}: {err}")
             continue
-        refused = sorted((result["screening"] or {}).get("refused", {}))
-        record = {**meta, **result, "refused": refused}
-        write_json(record, path)
-        records.append(record)
-        log.info("[%d/%d] %s, %s, check %s, seed %d: top-1 %.2f, refused %s", len(records),
-                 len(records) + len(pending), meta["receiver"], meta["lie"], meta["check"], meta["seed"],
-                 result["top1"], refused or "none")
+        write_json(result, cells / f"{key}.json")
+        done[key] = result
+        log.info("[%d/%d] %s seed %d: top-1 %.2f (%.0fs)", len(done), len(todo), todo[key][0], todo[key][2],
+                 result["top1"], result["seconds"])
     if failures:
-        raise RuntimeError(f"{len(failures)} task(s) failed (the others are stored): {'; '.join(failures)}")
-    return records
+        raise RuntimeError(f"{len(failures)} refinement(s) failed (the others are stored): {'; '.join(failures)}")
+    return done
 
 
 if __name__ == "__main__":
