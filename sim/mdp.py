@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from entities import runtime
 from entities.backbone import Backbone, build_backbone
-from entities.config import Config, preset_names
+from entities.config import Config
 from entities.data import TaskSplit, load_dataset, task_public_split
 from entities.entity import Entity
 from entities.files import artefact_key, load_torch, make_dir, save_torch
@@ -44,11 +44,11 @@ from entities.pipeline import (
     history_path,
     load_task,
     read_history,
-    step1,
 )
+from entities.presets import preset_names
 from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, write_curves, write_json, write_table
-from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode
+from entities.sharing import AUGMDP, DPM, MDP, RAW, get_mode, step1
 from entities.train import evaluate_classifier, pretrain, to_float
 from sim.cli import add_config_args, command_parser, config_from_args, run_main
 

@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord
 from entities.backbone import build_backbone
 from entities.config import Config
 from entities.pipeline import SharedModules
-from entities.pools import SharedPool
+from entities.pools import Pool
 from entities.reconstructors import build_reconstructor
 from entities.sharing import get_mode
 from entities.sharing.obfuscator import ObfuscatorMode, build_obfuscator
@@ -84,7 +84,7 @@ def unpack_shared(record: ArrayRecord, cfg: Config, image_shape: tuple[int, int,
     return SharedModules(backbone, phi1, phi2, psi, obfuscator)
 
 
-def pack_pool(pool: SharedPool, mode: str) -> ArrayRecord:
+def pack_pool(pool: Pool, mode: str) -> ArrayRecord:
     """Features (dpm) or images (other modes) as float32 and labels as int64, nothing else."""
     data, labels = pool_keys(mode)
     return ArrayRecord({
@@ -93,9 +93,9 @@ def pack_pool(pool: SharedPool, mode: str) -> ArrayRecord:
     })
 
 
-def unpack_pool(record: ArrayRecord, mode: str) -> SharedPool:
+def unpack_pool(record: ArrayRecord, mode: str) -> Pool:
     """The pool in a record, as sent (dtype, shape and range are checked by ``entities.pools``, not here)."""
     keys = pool_keys(mode)
     if set(record) != set(keys):
         raise ValueError(f"a pool record in sharing mode {mode!r} holds exactly {keys}, got {sorted(record)}")
-    return SharedPool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())
+    return Pool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())

@@ -20,15 +20,15 @@ from entities.attacks.base import CLEAN, RAW, check_attack_mode
 from entities.attacks.card import CellStore, card_table, cell_key, find_worst, worst_cases
 from entities.attacks.scoring import gallery_rows, gallery_ssim, score
 from entities.attacks.suite import entity_seed, run_suite
-from entities.config import load_config
 from entities.data import DataError, find_archive
 from entities.entity import Entity
 from entities.metrics import ssim_per_image
-from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
-from entities.pools import SharedPool, save_pool
+from entities.pipeline import ArtefactStore, entity_shards, load_task
+from entities.pools import Pool, save_pool
+from entities.presets import load_config
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_json
-from entities.sharing import DPM, contribute
+from entities.sharing import DPM, contribute, step1
 from entities.train import to_float
 
 try:
@@ -194,7 +194,7 @@ def test_from_flower_attacks_the_pools_a_flower_run_stored(root):
     for name in ("E1", "E4"):
         entity = Entity(name, split.S.train_images[shards[name]], split.S.train_labels[shards[name]], store)
         sent = contribute(entity, shared, cfg, entity_seed(cfg, name), DPM)
-        pool = SharedPool(entity.features, sent.labels) if name == "E1" else sent.pool()
+        pool = Pool(entity.features, sent.labels) if name == "E1" else sent.pool()
         save_pool(pool, flower / "artefacts" / "pools" / f"{name}.pt", {"store_key": store.key})
     write_json({"share": DPM}, flower / "config.json")
     own = attack.main(["--attacks", "psi", "--share", DPM, "--run-name", "own-pools", *settings(root)])

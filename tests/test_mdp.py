@@ -227,7 +227,7 @@ def test_table2_pairs_paper_figures_by_architecture_not_by_position():
 
 
 def test_full_preset_is_the_issues_scale_and_pairs_its_faces():
-    from entities.config import load_config
+    from entities.presets import load_config
     from sim.mdp import crafter_key, readings
 
     full = load_config("mdp-full")

@@ -39,9 +39,8 @@ from entities.pipeline import (
     entity_names,
     entity_shards,
     load_task,
-    step1,
 )
-from entities.sharing import DPM, RAW, contribute, get_mode
+from entities.sharing import DPM, RAW, contribute, get_mode, step1
 from entities.train import infer
 
 log = logging.getLogger("poisonpool")
