@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
 from entities.pools import Pool, PoolError, PoolSpec, load_pool, validate_features
+from entities.sharing import SHARING_MODES
 from entities.train import extract_features
 from sim import server_app
 from sim.app_config import config_from_run_config
@@ -415,7 +417,7 @@ def test_image_pool_outside_unit_range_is_left_out(sim_run, results):
 
 
 def test_unknown_sharing_mode_fails_naming_the_valid_ones(results):
-    valid = r"unknown sharing mode 'bogus' \(collab\.share\); valid: dpm, mdp, augmdp, raw"
+    valid = rf"unknown sharing mode 'bogus' \(collab\.share\); valid: {re.escape(', '.join(SHARING_MODES))}$"
     with pytest.raises(ValueError, match=valid):  # raised by the strategy before any message is sent
         run_in_process(results, "bad-mode", {}, ("collab.share=bogus",))
 

@@ -93,8 +93,8 @@ def test_malformed_override_is_refused(item):
 
 
 def test_edge_values_that_mean_something_are_accepted():
-    cfg = load_config("collab-tiny", parse_overrides(["dpm.lam=0", "dpm.epochs=0", "decider.lr=1", "dpm.lam=2"]))
-    assert (cfg.dpm.lam, cfg.dpm.epochs, cfg.decider.lr) == (2.0, 0, 1.0) and isinstance(cfg.decider.lr, float)
+    cfg = load_config("collab-tiny", parse_overrides(["dpm.lam=0", "dpm.epochs=0", "decider.lr=1"]))
+    assert (cfg.dpm.lam, cfg.dpm.epochs, cfg.decider.lr) == (0.0, 0, 1.0) and isinstance(cfg.decider.lr, float)
 
 
 @pytest.mark.parametrize("toml,message", [
