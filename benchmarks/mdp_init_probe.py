@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from entities.backbone import build_backbone
-from entities.config import load_config
+from entities.presets import load_config
 from entities.report import write_table
 from entities.train import pretrain
 from sim.mdp import prepare, retained

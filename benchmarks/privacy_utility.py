@@ -30,10 +30,11 @@ import pandas as pd
 
 from entities.config import Config
 from entities.metrics import disclosure
-from entities.pipeline import ArtefactStore, entity_shards, load_task, shared_reconstructor, step1
+from entities.pipeline import ArtefactStore, entity_shards, load_task, shared_reconstructor
 from entities.provenance import write_provenance
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import write_table
+from entities.sharing import step1
 from entities.train import evaluate_classifier, evaluate_reconstruction
 from sim.cli import add_config_args, config_from_args, setup_logging
 from sim.grid import feature_row, prepare, select_rows

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from entities import runtime
 from entities.backbone import build_backbone
-from entities.config import load_config
+from entities.presets import load_config
 from entities.provenance import write_provenance
 from entities.report import write_table
 from sim.cli import setup_logging

@@ -28,10 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from entities import runtime
 from entities.backbone import build_backbone
-from entities.config import load_config
 from entities.data import load_dataset_or_fallback, task_public_split
 from entities.dpm import DeepPoisoningModule
 from entities.mdp import build_modified_set
+from entities.presets import load_config
 from entities.provenance import write_provenance
 from entities.reconstructors import build_reconstructor
 from entities.report import write_table

@@ -1,10 +1,10 @@
-"""Run settings as dataclasses, read from the presets ``configs/<preset>.toml``.
+"""Run settings as dataclasses, built from a dict of sections and checked for range and choice.
 
-One source of truth: ``python -m sim.*`` commands and the Flower app both call :func:`load_config`
-with a preset name and dotted overrides (``pretrain.epochs=3``), so a setting means the same thing
-whichever way the run was started. A preset may ``extends = "other"`` to change a few values.
-The presets are package data, read through :mod:`importlib.resources`, so an installed copy (not
-only a source checkout) finds them.
+Every setting is declared once here, with its default; a preset (``configs/<preset>.toml``) or a
+``--set section.key=value`` override can only name a setting declared here, in the type declared here.
+Loading a preset by name, and checking the names that live in registries (sharing modes, defences), is
+:mod:`entities.presets`: it sits above those registries, which themselves build on these dataclasses,
+so this module imports none of them.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +20,6 @@ from entities.backbone import BACKBONES
 from entities.files import artefact_key
 from entities.reconstructors import RECONSTRUCTORS
 from entities.runtime import DEVICES, PRECISIONS, key_part
-
-PRESETS = resources.files("configs")
-
-
-def preset_names() -> list[str]:
-    """The presets shipped with the package, by name."""
-    return sorted(p.name.removesuffix(".toml") for p in PRESETS.iterdir() if p.name.endswith(".toml"))
 
 
 @dataclass
@@ -289,24 +280,6 @@ KEY_NEUTRAL: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict:
-    path = Path(name) if name.endswith(".toml") else PRESETS / f"{name}.toml"
-    if not path.is_file():
-        raise ValueError(f"config preset {name!r} not found at {path}; known presets: {', '.join(preset_names())}")
-    if name in seen:
-        raise ValueError(f"config presets extend each other in a loop: {' -> '.join((*seen, name))}")
-    raw = tomllib.loads(path.read_text())
-    parent = raw.pop("extends", None)
-    return _merge(_read_preset(parent, (*seen, name)), raw) if parent else raw
-
-
 def _kind(annotation: str) -> tuple[type, type | None]:
     """``int``, ``float``, ``bool``, ``str`` or ``list`` (with its element type) from a field's annotation."""
     base = {"int": int, "float": float, "bool": bool, "str": str}
@@ -415,16 +388,9 @@ def validate(cfg: Config) -> Config:
         choices = _CHOICES.get(key)
         if choices and value not in choices:
             raise ValueError(f"setting {key} = {value!r} is not one of: {', '.join(choices)}")
-    from entities.defences import DEFENCES  # both build on this module
-    from entities.sharing import check_mode
-
-    check_mode(cfg.collab.share)
     if bad := [r for r in cfg.mdp.readings if r not in _CHOICES["mdp.norm"]] or len(set(cfg.mdp.readings)) < len(
             cfg.mdp.readings):
         raise ValueError(f"setting mdp.readings = {cfg.mdp.readings}: each norm once, from: linf, l2 (got {bad})")
-    unknown = [n for n in cfg.dpm.privacy if n not in DEFENCES]
-    if unknown or len(set(cfg.dpm.privacy)) < len(cfg.dpm.privacy):
-        raise ValueError(f"setting dpm.privacy = {cfg.dpm.privacy}: each term once, from: {', '.join(DEFENCES)}")
     d = cfg.data
     if not d.shard_fractions or any(not 0 < f <= 1 for f in d.shard_fractions) or sum(d.shard_fractions) > 1:
         raise ValueError(f"setting data.shard_fractions = {d.shard_fractions}: each must lie in (0, 1] and "
@@ -436,18 +402,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> Config:
-    """The preset's settings with dotted overrides applied, e.g. ``{"dpm.lam": 0.5}``."""
-    raw = _read_preset(preset)
-    raw.setdefault("name", Path(preset).stem)
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {key}: {'.'.join(parents[:i + 1])} is a setting, not a section")
-        node[leaf] = value
+def build(raw: dict[str, Any]) -> Config:
+    """The settings of ``raw`` (sections of values, as a preset's TOML holds them), typed and checked
+    (:func:`validate`); what is not named keeps its default."""
     return validate(_build(Config, raw, ""))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from entities.dpm import DeepPoisoningModule, build_dpm
 from entities.files import artefact_key, load_torch, module_digest, save_torch, write_json
 from entities.metrics import disclosure
 from entities.pipeline import ArtefactStore, SharedModules, history_path, read_history
+from entities.pools import Pool
 from entities.runtime import key_part
 from entities.train import (
     evaluate_classifier,
@@ -31,21 +31,6 @@ from entities.train import (
 )
 
 log = logging.getLogger("poisonpool")
-
-
-@dataclass
-class Pool:
-    """Features with labels, as shared between entities (poisoned) or kept (original)."""
-
-    features: torch.Tensor
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @staticmethod
-    def union(pools: list[Pool]) -> Pool:
-        return Pool(torch.cat([p.features for p in pools]), np.concatenate([p.labels for p in pools]))
 
 
 class Entity:

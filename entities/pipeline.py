@@ -1,9 +1,10 @@
 """The shared steps every command needs, each stored once under a key of the settings it used.
 
-Step 1 (pretrain Φ, split it, train ψ on Q) is done by one party and reused by all commands that
-agree on those settings; φ1 features are cached too. A changed setting changes the key, so a run
-is never served an artefact made with other settings. Private DPMs live under ``private/<entity>``,
-a sibling of ``shared/``, never beside the shared modules.
+Step 1's parts (pretrain Φ, split it, train ψ on Q) are done by one party and reused by all commands
+that agree on those settings (:func:`entities.sharing.step1` puts them together with what the sharing
+mode publishes, since modes build on this module); φ1 features are cached too. A changed setting
+changes the key, so a run is never served an artefact made with other settings. Private DPMs live
+under ``private/<entity>``, a sibling of ``shared/``, never beside the shared modules.
 """
 
 from __future__ import annotations
@@ -198,14 +199,3 @@ def step1_curves(cfg: Config, store: ArtefactStore) -> dict[str, list[dict[str, 
     """The training curves of Step 1's Φ and ψ, by name (empty where an older run kept none)."""
     return {f"Φ pretrain ({cfg.backbone.name})": read_history(store.shared("backbone.pt")),
             f"ψ ({cfg.reconstructor.name})": read_history(reconstructor_path(cfg, store, cfg.reconstructor.name))}
-
-
-def step1(cfg: Config, split: TaskSplit, store: ArtefactStore) -> SharedModules:
-    """Pretrain (or load) Φ, split it at the hook point, train (or load) ψ, and whatever else the
-    sharing mode has Step 1's party publish (:meth:`entities.sharing.base.SharingMode.publish`)."""
-    from entities.sharing import get_mode  # the modes build on this module
-
-    model = pretrained_backbone(cfg, split, store)
-    phi1, phi2 = model.split(cfg.backbone.hook)
-    psi = shared_reconstructor(cfg, split, store, phi1)
-    return get_mode(cfg.collab.share).publish(cfg, split, store, SharedModules(model, phi1, phi2, psi))

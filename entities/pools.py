@@ -1,10 +1,12 @@
-"""Shared pools: what crosses between entities, the checks every receiver runs, and their on-disk form.
+"""Pools: what crosses between entities, the checks every receiver runs, and their on-disk form.
 
-A :class:`SharedPool` is what one sharing mode sends, with its labels: poisoned features
-P_k(φ1(S_k)) in the DPM mode, images in [0, 1] in the MDP, AugMDP and raw modes. It is kept apart
-from :class:`entities.entity.Pool` (φ1 features a decider trains on) so that images never pass for
-features: a mode of :mod:`entities.sharing` says what its pools hold, checks them with
-:func:`validate_features` or :func:`validate_images`, and turns them into a training ``Pool``.
+A :class:`Pool` is items with their labels: what one sharing mode sends (poisoned features
+P_k(φ1(S_k)) in the DPM mode, images in [0, 1] in the MDP, AugMDP and raw modes) and what a decider
+trains on (φ1 features). One type serves both, so nothing is converted on the way; what a pool holds
+is said by the mode that made it, never guessed from the pool: a mode of :mod:`entities.sharing`
+checks its pools with :func:`validate_features` or :func:`validate_images` and turns a received pool
+into φ1 features (:meth:`entities.sharing.base.SharingMode.training_pool`), so images never pass for
+features.
 
 A pool may come from a hostile participant, so finite is not enough: a pool of 1e30 values sends
 every honest decider to NaN. Feature values are bounded by ``collab.feature_bound`` times the largest
@@ -29,8 +31,8 @@ class PoolError(ValueError):
 
 
 @dataclass
-class SharedPool:
-    """What a sender shares, as it travels: ``data`` (features or images, as its mode says) and labels."""
+class Pool:
+    """``data`` (φ1 features, poisoned or not, or images in [0, 1], as its mode says) with one label each."""
 
     data: torch.Tensor
     labels: np.ndarray
@@ -38,9 +40,15 @@ class SharedPool:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def features(self) -> torch.Tensor:
+        """``data``, named for what a decider trains on: a pool in φ1's space (an entity's own features,
+        a training pool), where the name says which side of φ1 the tensor is on."""
+        return self.data
+
     @staticmethod
-    def union(pools: list[SharedPool]) -> SharedPool:
-        return SharedPool(torch.cat([p.data for p in pools]), np.concatenate([p.labels for p in pools]))
+    def union(pools: list[Pool]) -> Pool:
+        return Pool(torch.cat([p.data for p in pools]), np.concatenate([p.labels for p in pools]))
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ def feature_scale(features: torch.Tensor) -> float:
     return float(features.abs().max()) if len(features) else 0.0
 
 
-def validate_features(name: str, pool: SharedPool, spec: PoolSpec) -> None:
+def validate_features(name: str, pool: Pool, spec: PoolSpec) -> None:
     """Shape, dtype, finite values within ``spec.bound``, label shape and range, matching lengths and
     at most ``spec.max_items`` items, or a PoolError."""
     _check(name, pool, spec.feature_shape, spec, "features", "feature maps", " (made with another φ1 or hook point?)")
@@ -71,7 +79,7 @@ def validate_features(name: str, pool: SharedPool, spec: PoolSpec) -> None:
                             f"{spec.bound:.4g} (collab.feature_bound times the largest |φ1 feature| of honest data)")
 
 
-def validate_images(name: str, pool: SharedPool, spec: PoolSpec) -> None:
+def validate_images(name: str, pool: Pool, spec: PoolSpec) -> None:
     """The checks of :func:`validate_features` for a pool of images, and pixel values in [0, 1].
 
     The range matters beyond tidiness: receivers feed the images to φ1, which was trained on
@@ -83,7 +91,7 @@ def validate_images(name: str, pool: SharedPool, spec: PoolSpec) -> None:
         raise PoolError(f"pool {name}: pixel values must lie in [0, 1], got {low:.4g} .. {high:.4g}")
 
 
-def _check(name: str, pool: SharedPool, shape: tuple[int, ...], spec: PoolSpec, what: str, items: str,
+def _check(name: str, pool: Pool, shape: tuple[int, ...], spec: PoolSpec, what: str, items: str,
            hint: str) -> None:
     f, y = pool.data, np.asarray(pool.labels)
     num_classes, max_items = spec.num_classes, spec.max_items
@@ -108,18 +116,18 @@ def _check(name: str, pool: SharedPool, shape: tuple[int, ...], spec: PoolSpec, 
                         f"in [{y.min()}, {y.max()}]")
 
 
-def save_pool(pool: SharedPool, path: Path, meta: dict) -> None:
+def save_pool(pool: Pool, path: Path, meta: dict) -> None:
     """The pool's data, labels and the settings digest that made them (so a mismatched φ1 is caught),
     written whole. The data stay under the key ``features`` whatever the mode, so pools stored by
     earlier releases load unchanged; ``meta["share"]`` says what they hold."""
     save_torch({"features": pool.data, "labels": torch.as_tensor(pool.labels), "meta": meta}, path)
 
 
-def load_pool(path: Path) -> tuple[SharedPool, dict]:
+def load_pool(path: Path) -> tuple[Pool, dict]:
     if not path.is_file():
         raise PoolError(f"pool file {path} does not exist")
     try:
         d = torch.load(path, weights_only=True, map_location="cpu")
-        return SharedPool(d["features"], d["labels"].numpy()), d["meta"]
+        return Pool(d["features"], d["labels"].numpy()), d["meta"]
     except (KeyError, RuntimeError, EOFError, TypeError, AttributeError) as err:
         raise PoolError(f"pool file {path} is unreadable: {err}") from err

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from entities.entity import Pool
+from entities.pools import Pool
 from entities.train import infer
 
 MIN_ITEMS = 5  # a class with fewer items in a pool is not judged in it: too few to measure agreement

@@ -18,8 +18,9 @@ from pathlib import Path
 from flwr.app import UserConfig
 
 from entities import runtime
-from entities.config import Config, load_config, parse_overrides
+from entities.config import Config, parse_overrides
 from entities.files import check_run_name
+from entities.presets import load_config
 
 FAILED = ".failed"  # a failed run's results go to <run-name>.failed, beside the last completed ones
 

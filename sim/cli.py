@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 from entities import runtime
-from entities.config import Config, load_config, parse_overrides, preset_names
+from entities.config import Config, parse_overrides
 from entities.data import DataError
 from entities.files import ArtefactError, LockedError, check_run_name
+from entities.presets import load_config, preset_names
 from sim.help import DefaultsHelp
 
 

@@ -28,11 +28,11 @@ from flwr.clientapp import ClientApp
 from entities.config import Config
 from entities.data import TaskSplit
 from entities.entity import Entity
-from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task, step1
+from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
 from entities.policy import EntityPolicy, load_policy, local_disclosure
 from entities.pools import PoolSpec, feature_scale
 from entities.screening import screen
-from entities.sharing import get_mode
+from entities.sharing import get_mode, step1
 from entities.train import extract_features
 from sim.app_config import config_from_run_config, setup_app_logging
 from strategies.records import pack_pool, pack_shared, unpack_pool, unpack_senders, unpack_shared

@@ -16,43 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
+from entities.tasks import Sequential
 from sim.cli import setup_logging
 
 log = logging.getLogger("poisonpool")
-
-
-class Sequential:
-    """Runs each submitted call in this process, in submission order, when a result is asked for."""
-
-    def __init__(self, threads: int = 0) -> None:
-        self.threads = threads  # 0: torch's default, i.e. every core for one task at a time
-        self._queue: deque = deque()
-
-    slots = 1
-
-    def put(self, obj):
-        return obj
-
-    def ref(self, handle, result):
-        return result
-
-    def submit(self, label: str, fn: Callable, *args, **kwargs):
-        handle = object()
-        self._queue.append((handle, fn, args, kwargs))
-        return handle
-
-    def next_done(self, pending) -> tuple[object, object, BaseException | None]:
-        handle, fn, args, kwargs = self._queue.popleft()
-        try:
-            return handle, fn(*args, threads=self.threads, **kwargs), None
-        except Exception as err:  # noqa: BLE001 - reported with its task, other tasks go on
-            return handle, None, err
 
 
 def _in_worker(fn: Callable, *args, **kwargs):

@@ -41,14 +41,15 @@ from entities.attacks import ATTACKS
 from entities.attacks.base import CLEAN, FEATURE_MODES, OBFUSCATOR, PERTURBED, attack_mode_name, recipe, uses_dpm
 from entities.attacks.card import CellStore, worst_cases
 from entities.attacks.suite import check_parties, entity_seed, run_suite
-from entities.config import Config, load_config, parse_overrides
+from entities.config import Config, parse_overrides
 from entities.entity import Entity, Pool
 from entities.files import write_bytes, write_text
 from entities.metrics import excess_disclosure, utility_retained
-from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task
+from entities.presets import load_config
 from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table, write_json
-from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, get_mode
+from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, get_mode, step1
 from entities.sharing.dpm import k_anonymous
 from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name

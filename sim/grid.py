@@ -32,9 +32,9 @@ from entities.backbone import Backbone, build_backbone
 from entities.config import Config
 from entities.entity import Entity, Pool
 from entities.files import ArtefactError, artefact_key, write_json
-from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1, step1_curves
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1_curves
 from entities.pools import PoolError, PoolSpec, load_pool
-from entities.sharing import DPM, get_mode
+from entities.sharing import DPM, get_mode, step1
 from entities.train import augmented_views, evaluate_classifier, pretrain, train_decider
 
 RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"

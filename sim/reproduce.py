@@ -41,12 +41,12 @@ from entities.pipeline import (
     cached_features,
     load_task,
     shared_reconstructor,
-    step1,
     step1_curves,
 )
 from entities.provenance import command_line, write_provenance
 from entities.reconstructors import RECONSTRUCTORS
 from entities.report import image_grid, write_curves, write_json, write_table
+from entities.sharing import step1
 from entities.train import evaluate_classifier, evaluate_reconstruction, infer, poison, to_float, train_dpm
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 from sim.table4 import figure7, prepare_faces, table4

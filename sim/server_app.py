@@ -35,6 +35,7 @@ from entities.report import markdown_table, write_json, write_table
 from entities.sharing import get_mode, mode_name
 from sim.app_config import FAILED, config_from_run_config, run_dir, setup_app_logging
 from sim.audit import AuditedGrid
+from sim.columns import explain
 from strategies.pool_exchange import CollaborationError, CollaborationResult, EntityStatus, PoolExchange
 
 log = logging.getLogger("poisonpool")
@@ -189,28 +190,10 @@ def write_results(out: Path, cfg: Config, context: Context, result: Collaboratio
         f"{'Error: ' + error if error else ''}",
         f"Pool per shared image: {per_image.mean():,.0f} bytes ({items} {item_shape} float32 and an int64 label, "
         "as sent)." if len(per_image) else "",
-        "Columns: items_shared = items in the entity's pool; disclosure_ssim = the sender's mean SSIM between "
-        "each shared item and the real image it shows (raw: the image itself, 1; MDP/AugMDP: the selected "
-        "image the modified one is built to resemble; DPM: the larger of SSIM(ψ(pool), x) and "
-        "SSIM(1 - ψ(pool), x), ψ only: the one reconstructor every DPM was trained against, not an attacker "
-        "who adapts; disclosure_by says which); label_ssim = the same against the real image whose label the "
-        "item carries. "
-        + (f"worst_attack_ssim / worst_identification = the worst case over the attackers of `python -m "
-           f"sim.attack` on this entity's pool for the same settings ({worst}), and who reached it. " if worst else
-           "No `python -m sim.attack` report for these settings yet: the worst case over adaptive attackers is "
-           "unknown here, only ψ's figure. ") +
-        "DPM mode only: top1_original / top1_poisoned = the shared decider φ2 (pretrained by "
-        f"{cfg.backbone.pretrain_on}) on the original / the entity's poisoned test features, before any "
-        "refinement; ssim_pool = SSIM between ψ(pool) and the entity's own images (ssim_pool_inverted uses "
-        "1 - ψ). top1_own = φ2 refined on the entity's own φ1 features only; top1_refined / top5_refined = "
-        "φ2 refined on its own features plus the pools received from the other healthy entities (φ1 of the "
-        "images in the image modes) that it kept; pools_refused = how many it refused by its screening policy "
-        "(run.json says whose and why). Accuracies in % on the common test split of S.",
-        "local_disclosure_ssim = the most the sender's own local attacks recovered from its pool before sending "
-        "(its reported disclosure and, for DPM pools, a decoder trained on half of its own (pool, image) pairs and "
-        "scored on the other half); disclosure_ceiling = the most its operator's policy accepts (above it the "
-        "entity refuses to send); ssim_clean = ψ's disclosure on the entity's clean φ1 features, the control "
-        "without which a low ssim_pool means nothing.",
+        explain(df.columns),
+        (f"Worst case: the attack report(s) {worst}." if worst else
+         "No `python -m sim.attack` report for these settings yet: the worst case over adaptive attackers is "
+         "unknown here, only ψ's figure."),
         f"Refused at step 0: {'; '.join(result.refused)}." if result.refused else "",
         "Phases:\n\n" + markdown_table(phases, ".1f"),
     ]

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from entities.pools import PoolSpec, SharedPool
+from entities.pools import Pool, PoolSpec
 from entities.sharing import DPM, IMAGES, get_mode
 from strategies.records import pack_pool, pack_senders, unpack_pool
 
@@ -83,7 +83,7 @@ class CollaborationResult:
     entities: dict[str, EntityStatus]
     share: str = DPM  # the sharing mode: what the pools hold
     shared: ArrayRecord = field(default_factory=ArrayRecord)
-    pools: dict[str, SharedPool] = field(default_factory=dict)
+    pools: dict[str, Pool] = field(default_factory=dict)
     pool_bytes: dict[str, int] = field(default_factory=dict)
     feature_shape: tuple[int, ...] = ()
     image_shape: tuple[int, ...] = ()  # from the pretrainer's reply; checked in the image modes only
@@ -170,7 +170,7 @@ class PoolExchange(Strategy):
                 content["shared"] = arrays
             elif server_round == 3:
                 others = {o: self.result.pools[o] for o in targets if o != name}
-                content["pool"] = pack_pool(SharedPool.union(list(others.values())), self.share)
+                content["pool"] = pack_pool(Pool.union(list(others.values())), self.share)
                 content["senders"] = pack_senders(others)
             messages.append(Message(content=content, dst_node_id=status[name].node_id,
                                     message_type=STEPS[server_round]))

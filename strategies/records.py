@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from entities.backbone import build_backbone
 from entities.config import Config
 from entities.pipeline import SharedModules
-from entities.pools import SharedPool
+from entities.pools import Pool
 from entities.reconstructors import build_reconstructor
 from entities.sharing import get_mode
 from entities.sharing.obfuscator import ObfuscatorMode, build_obfuscator
@@ -88,7 +88,7 @@ def unpack_shared(record: ArrayRecord, cfg: Config, image_shape: tuple[int, int,
     return SharedModules(backbone, phi1, phi2, psi, obfuscator)
 
 
-def pack_pool(pool: SharedPool, mode: str) -> ArrayRecord:
+def pack_pool(pool: Pool, mode: str) -> ArrayRecord:
     """Features (dpm) or images (other modes) as float32 and labels as int64, nothing else."""
     data, labels = pool_keys(mode)
     return ArrayRecord({
@@ -97,20 +97,20 @@ def pack_pool(pool: SharedPool, mode: str) -> ArrayRecord:
     })
 
 
-def unpack_pool(record: ArrayRecord, mode: str) -> SharedPool:
+def unpack_pool(record: ArrayRecord, mode: str) -> Pool:
     """The pool in a record, as sent (dtype, shape and range are checked by ``entities.pools``, not here)."""
     keys = pool_keys(mode)
     if set(record) != set(keys):
         raise ValueError(f"a pool record in sharing mode {mode!r} holds exactly {keys}, got {sorted(record)}")
-    return SharedPool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())
+    return Pool(torch.from_numpy(record[keys[0]].numpy()), record[keys[1]].numpy())
 
 
-def pack_senders(pools: dict[str, SharedPool]) -> ConfigRecord:
+def pack_senders(pools: dict[str, Pool]) -> ConfigRecord:
     """Who sent which items of the union of ``pools`` (in their order): names and item counts."""
     return ConfigRecord({"names": list(pools), "items": [len(p) for p in pools.values()]})
 
 
-def unpack_senders(pool: SharedPool, record: ConfigRecord) -> dict[str, SharedPool]:
+def unpack_senders(pool: Pool, record: ConfigRecord) -> dict[str, Pool]:
     """The union ``pool`` cut back into each sender's pool; counts that do not add up are refused."""
     names, items = [str(n) for n in record["names"]], [int(i) for i in record["items"]]
     bad = len(names) != len(items) or len(set(names)) != len(names) or min(items, default=1) < 1
@@ -118,5 +118,5 @@ def unpack_senders(pool: SharedPool, record: ConfigRecord) -> dict[str, SharedPo
         raise ValueError(f"the senders record ({dict(zip(names, items))}) does not describe a pool of "
                          f"{len(pool)} items")
     bounds = np.cumsum([0, *items])
-    return {n: SharedPool(pool.data[a:b], np.asarray(pool.labels)[a:b])
+    return {n: Pool(pool.data[a:b], np.asarray(pool.labels)[a:b])
             for n, a, b in zip(names, bounds[:-1], bounds[1:])}

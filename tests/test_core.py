@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from entities.backbone import build_backbone
-from entities.config import load_config, parse_overrides
+from entities.config import parse_overrides
 from entities.dpm import DeepPoisoningModule, ssim_privacy_loss
 from entities.metrics import l1_per_image, psnr_per_image, ssim_per_image, topk_correct
+from entities.presets import load_config
 from entities.reconstructors import RECONSTRUCTORS, build_reconstructor
 from entities.train import fit
 

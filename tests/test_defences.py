@@ -21,14 +21,15 @@ import sim.attack as attack
 from entities import runtime
 from entities.attacks.decoder import train_decoder
 from entities.attacks.scoring import score
-from entities.config import load_config
 from entities.data import DataError, find_archive
 from entities.decoders import build_decoder
 from entities.defences import DEFENCES
 from entities.defences.dcor import distance_correlation
 from entities.dpm import build_dpm
 from entities.entity import Entity
-from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1
+from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task
+from entities.presets import load_config
+from entities.sharing import step1
 from entities.train import evaluate_classifier, infer, poison, train_dpm
 
 try:

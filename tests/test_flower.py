@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from entities.backbone import build_backbone
 from entities.data import DataError, find_archive
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
-from entities.pools import PoolError, PoolSpec, SharedPool, load_pool, validate_features
+from entities.pools import Pool, PoolError, PoolSpec, load_pool, validate_features
+from entities.sharing import SHARING_MODES
 from entities.train import extract_features
 from sim import server_app
 from sim.app_config import config_from_run_config
@@ -300,7 +302,7 @@ def test_failed_entities_are_left_out_and_recorded(sim_run, results):
     # A receiver checks what the server sends it, too: a tampered union of 1e30 values is refused.
     features = torch.rand(10, *FEATURES)
     features[3, 0, 0, 0] = 1e30
-    hostile = Message(RecordDict({"pool": pack_pool(SharedPool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
+    hostile = Message(RecordDict({"pool": pack_pool(Pool(features, np.zeros(10, dtype=np.int64)), "dpm")}),
                       dst_node_id=1000, message_type="train.refine")
     hostile.metadata.__dict__["_message_id"] = "hostile"
     with pytest.raises(PoolError, match="pool received: feature values up to 1e\\+30 in magnitude, above the bound"):
@@ -419,7 +421,7 @@ def test_image_pool_outside_unit_range_is_left_out(sim_run, results):
 
 
 def test_unknown_sharing_mode_fails_naming_the_valid_ones(results):
-    valid = r"unknown sharing mode 'bogus' \(collab\.share\); valid: dpm, mdp, augmdp, raw"
+    valid = rf"unknown sharing mode 'bogus' \(collab\.share\); valid: {re.escape(', '.join(SHARING_MODES))}$"
     with pytest.raises(ValueError, match=valid):  # raised by the strategy before any message is sent
         run_in_process(results, "bad-mode", {}, ("collab.share=bogus",))
 

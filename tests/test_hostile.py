@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from entities import data
-from entities.config import load_config, parse_overrides
+from entities.config import parse_overrides
 from entities.data import DataError, find_archive, load_dataset
 from entities.files import (
     ArtefactError,
@@ -36,7 +36,8 @@ from entities.files import (
     write_bytes,
 )
 from entities.policy import EntityPolicy, PolicyRefusal, load_policy
-from entities.pools import PoolError, PoolSpec, SharedPool
+from entities.pools import Pool, PoolError, PoolSpec
+from entities.presets import load_config
 from entities.sharing import get_mode
 from sim import server_app
 from sim.client_app import local as client_local
@@ -92,8 +93,8 @@ def test_malformed_override_is_refused(item):
 
 
 def test_edge_values_that_mean_something_are_accepted():
-    cfg = load_config("collab-tiny", parse_overrides(["dpm.lam=0", "dpm.epochs=0", "decider.lr=1", "dpm.lam=2"]))
-    assert (cfg.dpm.lam, cfg.dpm.epochs, cfg.decider.lr) == (2.0, 0, 1.0) and isinstance(cfg.decider.lr, float)
+    cfg = load_config("collab-tiny", parse_overrides(["dpm.lam=0", "dpm.epochs=0", "decider.lr=1"]))
+    assert (cfg.dpm.lam, cfg.dpm.epochs, cfg.decider.lr) == (0.0, 0, 1.0) and isinstance(cfg.decider.lr, float)
 
 
 @pytest.mark.parametrize("toml,message", [
@@ -149,11 +150,11 @@ def test_decoded_image_cache_is_private(tmp_path, monkeypatch):
 SHAPE, CLASSES = (4, 2, 2), 5
 
 
-def _pool(n=6, value=None, labels=None, dtype=torch.float32, shape=SHAPE) -> SharedPool:
+def _pool(n=6, value=None, labels=None, dtype=torch.float32, shape=SHAPE) -> Pool:
     f = torch.rand(n, *shape).to(dtype)
     if value is not None:
         f[0].view(-1)[0] = value
-    return SharedPool(f, np.arange(n) % CLASSES if labels is None else labels)
+    return Pool(f, np.arange(n) % CLASSES if labels is None else labels)
 
 
 BAD_POOLS = [
@@ -170,7 +171,7 @@ BAD_POOLS = [
     ("empty", _pool(n=0, labels=np.zeros(0, dtype=np.int64)), r"0 feature maps but 0 labels"),
     ("float64", _pool(dtype=torch.float64), r"features are torch\.float64, expected torch\.float32"),
     ("wrong-shape", _pool(shape=(4, 1, 1)), r"features of shape \(4, 1, 1\), expected \(4, 2, 2\)"),
-    ("flat", SharedPool(torch.rand(6), np.arange(6) % 5), r"features of shape \(\), expected"),
+    ("flat", Pool(torch.rand(6), np.arange(6) % 5), r"features of shape \(\), expected"),
     ("oversized", _pool(n=40), r"40 feature maps, more than the 10 allowed"),
 ]
 
@@ -518,7 +519,7 @@ import numpy as np, torch
 from pathlib import Path
 import entities.files as files
 from entities.backbone import build_backbone
-from entities.config import load_config
+from entities.presets import load_config
 from entities.entity import Entity
 from entities.pipeline import ArtefactStore, SharedModules
 from entities.reconstructors import build_reconstructor

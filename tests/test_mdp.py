@@ -157,6 +157,7 @@ def _need_archive():
         pytest.skip("needs the CIFAR-10 archive in ../shared/data")
 
 
+@pytest.mark.slow  # trains on real data in its body
 def test_reproduce_command_writes_tables_and_figure(tmp_path):
     _need_archive()
     from sim.mdp import main
@@ -182,6 +183,7 @@ def test_reproduce_command_writes_tables_and_figure(tmp_path):
               "mdp.steps=4", f"results_root={tmp_path}"])
 
 
+@pytest.mark.slow  # trains on real data in its body
 def test_compare_command_scores_every_sharing_mode(tmp_path):
     _need_archive()
     from sim.mdp import main
@@ -227,7 +229,7 @@ def test_table2_pairs_paper_figures_by_architecture_not_by_position():
 
 
 def test_full_preset_is_the_issues_scale_and_pairs_its_faces():
-    from entities.config import load_config
+    from entities.presets import load_config
     from sim.mdp import crafter_key, readings
 
     full = load_config("mdp-full")
@@ -245,6 +247,7 @@ def test_full_preset_is_the_issues_scale_and_pairs_its_faces():
         load_config("mdp-full", {"mdp.readings": ["linf", "l3"]})
 
 
+@pytest.mark.slow  # trains on real data in its body
 def test_reproduce_crafts_with_a_model_of_more_images_under_both_readings(tmp_path, monkeypatch):
     """f trained on 600 training images (not D's 120) crafts both readings' sets; ``scale`` then
     finds every model ``reproduce`` stored, so its figures for that cell are Table 1's."""

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from entities.config import load_config
 from entities.data import DataError, find_archive
 from entities.entity import Entity
-from entities.pipeline import ArtefactStore, load_task, step1
+from entities.pipeline import ArtefactStore, load_task
+from entities.presets import load_config
+from entities.sharing import step1
 from sim.reproduce import reproduce
 
 

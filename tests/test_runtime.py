@@ -8,8 +8,9 @@ import torch
 
 from entities import runtime
 from entities.backbone import build_backbone
-from entities.config import TrainConfig, load_config
+from entities.config import TrainConfig
 from entities.metrics import ssim_per_image
+from entities.presets import load_config
 from entities.runtime import Runtime
 from entities.train import evaluate_classifier, extract_features, pretrain
 

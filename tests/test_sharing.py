@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from entities import sharing
-from entities.config import load_config
-from entities.entity import Pool
 from entities.policy import load_policy
-from entities.pools import PoolError, PoolSpec, SharedPool
+from entities.pools import Pool, PoolError, PoolSpec
+from entities.presets import load_config
 from entities.sharing import FEATURES, IMAGES, get_mode
 from entities.sharing.base import Contribution, FeatureMode
 from sim.grid import ROWS
@@ -62,7 +61,7 @@ def test_an_unregistered_mode_is_unknown_everywhere():
 def test_a_registered_mode_reaches_settings_policy_codec_strategy_and_table5(clear):
     assert load_config("tiny", {"collab.share": clear}).collab.share == clear
     assert load_policy({"allow-share": f"dpm,{clear}"}).allow == ("dpm", clear)
-    pool = SharedPool(torch.rand(6, 4, 2, 2), np.arange(6) % 3)
+    pool = Pool(torch.rand(6, 4, 2, 2), np.arange(6) % 3)
     record = pack_pool(pool, clear)
     assert set(record) == {"features", "labels"}
     back = unpack_pool(record, clear)
@@ -72,22 +71,22 @@ def test_a_registered_mode_reaches_settings_policy_codec_strategy_and_table5(cle
     row7 = next(r for r in ROWS if r.id == "7")
     assert row7.describe(clear) == "φ1(S1) ∪ φ1(S2)"
     with pytest.raises(PoolError, match="above the bound"):
-        strategy.mode.validate("E2", SharedPool(pool.data * 100, pool.labels), PoolSpec((4, 2, 2), 3, bound=10.0))
+        strategy.mode.validate("E2", Pool(pool.data * 100, pool.labels), PoolSpec((4, 2, 2), 3, bound=10.0))
 
 
 def test_received_images_go_through_phi1_and_features_do_not():
     phi1 = torch.nn.Conv2d(3, 2, 2, stride=2)
-    images = SharedPool(torch.rand(5, 3, 4, 4), np.arange(5) % 2)
+    images = Pool(torch.rand(5, 3, 4, 4), np.arange(5) % 2)
     got = get_mode("raw").training_pool(images, phi1)
     assert isinstance(got, Pool) and got.features.shape == (5, 2, 2, 2)
     with torch.no_grad():
         assert torch.allclose(got.features, phi1(images.data), atol=1e-2)  # bf16 autocast where the CPU has it
-    features = SharedPool(torch.rand(5, 2, 2, 2), np.arange(5) % 2)
+    features = Pool(torch.rand(5, 2, 2, 2), np.arange(5) % 2)
     assert get_mode("dpm").training_pool(features, phi1).features is features.data
 
 
 def test_a_pool_of_the_wrong_kind_is_refused_by_the_mode():
-    images = SharedPool(torch.rand(4, 3, 4, 4), np.arange(4) % 2)
+    images = Pool(torch.rand(4, 3, 4, 4), np.arange(4) % 2)
     spec = PoolSpec((2, 2, 2), 2, image_shape=(3, 4, 4))
     get_mode("raw").validate("E2", images, spec)
     with pytest.raises(PoolError, match=r"features of shape \(3, 4, 4\), expected \(2, 2, 2\)"):

@@ -18,14 +18,14 @@ from PIL import Image
 
 from entities import data, runtime
 from entities.backbone import build_backbone
-from entities.config import load_config
 from entities.data import load_celeba, split_attributes
 from entities.entity import Entity
 from entities.metrics import average_precision, mean_average_precision
 from entities.obfuscator import DeepObfuscator, Obfuscator, ObfuscatorSettings, train_obfuscator
-from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
+from entities.pipeline import ArtefactStore, entity_shards, load_task
+from entities.presets import load_config
 from entities.reconstructors import build_reconstructor
-from entities.sharing import contribute
+from entities.sharing import contribute, step1
 from entities.train import extract_features
 from sim.reproduce import reproduce
 from strategies.records import pack_shared, unpack_shared

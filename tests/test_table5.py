@@ -25,11 +25,10 @@ import torch
 
 import sim.table5 as table5
 from entities.backbone import build_backbone
-from entities.config import load_config
 from entities.data import DataError, find_archive
-from entities.entity import Pool
 from entities.pipeline import ArtefactStore, entity_shards, load_task
-from entities.pools import PoolError, SharedPool, save_pool
+from entities.pools import Pool, PoolError, save_pool
+from entities.presets import load_config
 from entities.train import train_decider
 from sim.grid import ROW_IDS, fedavg, prepare
 
@@ -137,7 +136,7 @@ def flower_dir(root, name: str, cfg, pools: dict[str, Pool], store_key: str):
     (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"store_key": store_key}))
     for entity, pool in pools.items():
-        save_pool(SharedPool(pool.features, pool.labels), out / "artefacts" / "pools" / f"{entity}.pt",
+        save_pool(pool, out / "artefacts" / "pools" / f"{entity}.pt",
                   {"store_key": store_key, "entity": entity})
     return out
 

@@ -14,15 +14,15 @@ import torch
 
 from entities.attacks.card import CellStore
 from entities.attacks.suite import run_suite
-from entities.config import load_config
 from entities.data import DataError, find_archive
 from entities.dpm import build_dpm
-from entities.entity import Entity, Pool
+from entities.entity import Entity
 from entities.metrics import excess_disclosure, utility_retained
-from entities.pipeline import ArtefactStore, entity_shards, load_task, step1
-from entities.pools import PoolError, PoolSpec, SharedPool
+from entities.pipeline import ArtefactStore, entity_shards, load_task
+from entities.pools import Pool, PoolError, PoolSpec
+from entities.presets import load_config
 from entities.screening import screen
-from entities.sharing import get_mode
+from entities.sharing import get_mode, step1
 from entities.sharing.dpm import k_anonymous
 from entities.train import augmented_views, train_decider
 from sim.dishonest import MARGIN
@@ -79,7 +79,7 @@ def test_floor_modes_pack_validate_and_train_a_decider(tiny, name):
     train_decider(phi2, received.features, received.labels, cfg.decider, seed=0)
     assert any(not torch.equal(a, b) for a, b in zip(before, phi2.parameters()))
     # a per-item pool under a floor's name is refused: it would carry more than labels
-    smuggled = SharedPool(travelled.data.clone(), travelled.labels)
+    smuggled = Pool(travelled.data.clone(), travelled.labels)
     smuggled.data[0] = smuggled.data[0] + 0.5
     with pytest.raises(PoolError, match="class"):
         mode.validate("E1", smuggled, spec)
@@ -114,9 +114,9 @@ def test_utility_retained_against_a_hand_computation():
 
 
 def test_senders_travel_beside_the_union_and_bad_counts_are_refused():
-    pools = {"E2": SharedPool(torch.zeros(3, 2), np.array([0, 1, 0])),
-             "E3": SharedPool(torch.ones(2, 2), np.array([1, 1]))}
-    union = SharedPool.union(list(pools.values()))
+    pools = {"E2": Pool(torch.zeros(3, 2), np.array([0, 1, 0])),
+             "E3": Pool(torch.ones(2, 2), np.array([1, 1]))}
+    union = Pool.union(list(pools.values()))
     back = unpack_senders(union, pack_senders(pools))
     assert list(back) == ["E2", "E3"] and torch.equal(back["E3"].data, pools["E3"].data)
     record = pack_senders(pools)

@@ -44,9 +44,9 @@ from entities.pipeline import (
     entity_names,
     entity_shards,
     load_task,
-    step1,
 )
-from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, get_mode
+from entities.sharing import AUGMDP, DPM, MDP, RAW, contribute, get_mode, step1
+from entities.tasks import Sequential
 from entities.train import infer
 
 log = logging.getLogger("poisonpool")
@@ -261,8 +261,6 @@ def run_suite(cfg: Config, families: list[str], modes: list[str], store: CellSto
     it), and the cells, each submitted once its pool and models are done. Step 1, the attacker's
     knowledge and the victims' DPMs are made here first, so no two tasks train the same artefact.
     """
-    from sim.executors import Sequential
-
     t0 = time.time()
     executor = executor or Sequential(cfg.threads)
     modes = [check_attack_mode(m) for m in modes]

@@ -18,8 +18,9 @@ Adding a mode is one module with a ``SharingMode`` subclass and one line in :dat
 from __future__ import annotations
 
 from entities.config import Config
+from entities.data import TaskSplit
 from entities.entity import Entity
-from entities.pipeline import SharedModules
+from entities.pipeline import ArtefactStore, SharedModules, pretrained_backbone, shared_reconstructor
 from entities.sharing.base import FEATURES, IMAGES, Contribution, SharingMode
 from entities.sharing.class_stats import ClassStatsMode
 from entities.sharing.dpm import DpmMode
@@ -40,7 +41,7 @@ SHARING_MODES: dict[str, SharingMode] = {mode.name: mode for mode in (
 DPM, MDP, AUGMDP, RAW = DpmMode.name, MdpMode.name, AugMdpMode.name, RawMode.name
 
 __all__ = ["AUGMDP", "DPM", "FEATURES", "IMAGES", "MDP", "RAW", "SHARING_MODES", "Contribution",
-           "SharingMode", "check_mode", "contribute", "get_mode", "mode_name"]
+           "SharingMode", "check_mode", "contribute", "get_mode", "mode_name", "step1"]
 
 
 def get_mode(name: str) -> SharingMode:
@@ -64,3 +65,12 @@ def contribute(entity: Entity, shared: SharedModules, cfg: Config, seed: int, mo
                ) -> Contribution:
     """The entity's contribution in ``mode`` (default ``cfg.collab.share``), built from its own shard."""
     return get_mode(mode or cfg.collab.share).contribute(entity, shared, cfg, seed)
+
+
+def step1(cfg: Config, split: TaskSplit, store: ArtefactStore) -> SharedModules:
+    """Pretrain (or load) Φ, split it at the hook point, train (or load) ψ, and whatever else the
+    sharing mode has Step 1's party publish (:meth:`entities.sharing.base.SharingMode.publish`)."""
+    model = pretrained_backbone(cfg, split, store)
+    phi1, phi2 = model.split(cfg.backbone.hook)
+    psi = shared_reconstructor(cfg, split, store, phi1)
+    return get_mode(cfg.collab.share).publish(cfg, split, store, SharedModules(model, phi1, phi2, psi))

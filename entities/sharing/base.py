@@ -22,9 +22,9 @@ import torch
 
 from entities.config import Config
 from entities.data import TaskSplit
-from entities.entity import Entity, Pool
+from entities.entity import Entity
 from entities.pipeline import ArtefactStore, SharedModules
-from entities.pools import PoolSpec, SharedPool, validate_features, validate_images
+from entities.pools import Pool, PoolSpec, validate_features, validate_images
 from entities.train import extract_features
 
 FEATURES, IMAGES = "features", "images"
@@ -52,9 +52,9 @@ class Contribution:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def pool(self) -> SharedPool:
+    def pool(self) -> Pool:
         """The part that travels."""
-        return SharedPool(self.data, np.asarray(self.labels))
+        return Pool(self.data, np.asarray(self.labels))
 
 
 class SharingMode:
@@ -106,11 +106,11 @@ class SharingMode:
         """Training curves of what the contribution trained, by name (none by default)."""
         return {}
 
-    def validate(self, name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    def validate(self, name: str, pool: Pool, spec: PoolSpec) -> None:
         """Refuse a malformed pool with a PoolError naming ``name``."""
         raise NotImplementedError
 
-    def training_pool(self, pool: SharedPool, phi1: torch.nn.Module) -> Pool:
+    def training_pool(self, pool: Pool, phi1: torch.nn.Module) -> Pool:
         """The φ1-space features and labels a receiver's decider trains on."""
         raise NotImplementedError
 
@@ -123,11 +123,11 @@ class FeatureMode(SharingMode):
     def received_text(self, sender: str, rounds: int) -> str:
         return self.shared_text(sender, rounds)
 
-    def validate(self, name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    def validate(self, name: str, pool: Pool, spec: PoolSpec) -> None:
         validate_features(name, pool, spec)
 
-    def training_pool(self, pool: SharedPool, phi1: torch.nn.Module) -> Pool:
-        return Pool(pool.data, np.asarray(pool.labels))
+    def training_pool(self, pool: Pool, phi1: torch.nn.Module) -> Pool:
+        return pool
 
 
 class ImageMode(SharingMode):
@@ -139,8 +139,8 @@ class ImageMode(SharingMode):
     def received_text(self, sender: str, rounds: int) -> str:
         return f"φ1({self.shared_text(sender, rounds)})"
 
-    def validate(self, name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    def validate(self, name: str, pool: Pool, spec: PoolSpec) -> None:
         validate_images(name, pool, spec)
 
-    def training_pool(self, pool: SharedPool, phi1: torch.nn.Module) -> Pool:
+    def training_pool(self, pool: Pool, phi1: torch.nn.Module) -> Pool:
         return Pool(extract_features(phi1, pool.data), np.asarray(pool.labels))

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from entities.config import Config
-from entities.entity import Entity, Pool
+from entities.entity import Entity
 from entities.metrics import disclosure
 from entities.pipeline import SharedModules
-from entities.pools import PoolError, PoolSpec, SharedPool, validate_features
+from entities.pools import Pool, PoolError, PoolSpec, validate_features
 from entities.sharing.base import Contribution, FeatureMode
 from entities.sharing.prototypes import check_per_class
 from entities.train import evaluate_reconstruction
 
 
-def virtual_features(pool: SharedPool) -> torch.Tensor:
+def virtual_features(pool: Pool) -> torch.Tensor:
     """One draw per item from its class's diagonal Gaussian, clamped at 0 where every mean is non-negative."""
     mean, std = pool.data[:, 0], pool.data[:, 1]
     seed = zlib.crc32(np.ascontiguousarray(np.asarray(pool.labels, dtype=np.int64)).tobytes())
@@ -63,22 +63,22 @@ class ClassStatsMode(FeatureMode):
             f = own.features[y == c]
             stats[int(c)] = torch.stack([f.mean(0), f.std(0, unbiased=len(f) > 1)])
         data = torch.stack([stats[int(c)] for c in own.labels])
-        sent = SharedPool(data, np.asarray(own.labels))
+        sent = Pool(data, np.asarray(own.labels))
         shown = disclosure(evaluate_reconstruction(shared.psi, virtual_features(sent), entity.images))
         rows = np.arange(len(own))
         return Contribution(self.name, data, sent.labels, shown, shown, rows, rows)
 
-    def validate(self, name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    def validate(self, name: str, pool: Pool, spec: PoolSpec) -> None:
         """Pairs of φ1-shaped (mean, std) within the feature bound, a non-negative std, and every item of a
         class carrying the same pair (else the pool would smuggle per-item content under a class label)."""
         if pool.data.ndim != 5 or pool.data.shape[1] != 2:
             raise PoolError(f"pool {name}: class statistics of shape {tuple(pool.data.shape[1:])}, expected "
                             f"(2, {', '.join(map(str, spec.feature_shape))}) (mean, std) per item")
-        validate_features(name, SharedPool(pool.data[:, 0], pool.labels), spec)
-        validate_features(name, SharedPool(pool.data[:, 1], pool.labels), spec)
+        validate_features(name, Pool(pool.data[:, 0], pool.labels), spec)
+        validate_features(name, Pool(pool.data[:, 1], pool.labels), spec)
         if float(pool.data[:, 1].min()) < 0:
             raise PoolError(f"pool {name}: negative standard deviations")
         check_per_class(name, pool.data, pool.labels, "statistics")
 
-    def training_pool(self, pool: SharedPool, phi1: torch.nn.Module) -> Pool:
+    def training_pool(self, pool: Pool, phi1: torch.nn.Module) -> Pool:
         return Pool(virtual_features(pool), np.asarray(pool.labels))

@@ -18,7 +18,7 @@ from entities.config import Config
 from entities.entity import Entity
 from entities.metrics import disclosure
 from entities.pipeline import SharedModules
-from entities.pools import PoolError, PoolSpec, SharedPool, validate_features
+from entities.pools import Pool, PoolError, PoolSpec, validate_features
 from entities.sharing.base import Contribution, FeatureMode
 from entities.train import evaluate_reconstruction
 
@@ -60,6 +60,6 @@ class PrototypesMode(FeatureMode):
         rows = np.arange(len(own))
         return Contribution(self.name, data, np.asarray(own.labels), shown, shown, rows, rows)
 
-    def validate(self, name: str, pool: SharedPool, spec: PoolSpec) -> None:
+    def validate(self, name: str, pool: Pool, spec: PoolSpec) -> None:
         validate_features(name, pool, spec)
         check_per_class(name, pool.data, pool.labels, "prototypes")
