@@ -68,28 +68,30 @@ def main() -> None:
     ceiling = core_scaling(args.num_cpus)
 
     default_threads = torch.get_num_threads()
-    timings, runs = {}, {}
+    timings, runs, load = {}, {}, {}
     for name, threads in ((f"one process, torch threads = {default_threads} (before)", 0),
                           ("one process, 1 thread", 1)):
         forget_attacker_models(root)
+        load[name] = os.getloadavg()[0]
         run = run_suite(cfg, args.attacks, modes, CellStore(root / f"seq{threads}"), executor=Sequential(threads))
         torch.set_num_threads(default_threads)
         timings[name], runs[name] = run.seconds, run
     start_ray(num_cpus=args.num_cpus, dashboard=False)
     warm_up(args.num_cpus)
     forget_attacker_models(root)
+    ray_load = os.getloadavg()[0]
     try:
         run = run_suite(cfg, args.attacks, modes, CellStore(root / "ray"), executor=RayPool(1))
     finally:
         ray.shutdown()
     ray_name = f"Ray, {args.num_cpus} CPUs, 1 per task"
-    timings[ray_name], runs[ray_name] = run.seconds, run
+    timings[ray_name], runs[ray_name], load[ray_name] = run.seconds, run, ray_load
 
     reference = figures(runs[ray_name])
     same = {k: bool(((figures(r)[["disclosure", "identification"]] - reference[["disclosure", "identification"]])
                      .abs().fillna(0) <= 1e-6).all().all()) for k, r in runs.items()}
     df = pd.DataFrame([{"run": k, "seconds": v, "Ray speed-up": v / timings[ray_name],
-                        "same figures as Ray": same[k]} for k, v in timings.items()])
+                        "same figures as Ray": same[k], "load average at start": load[k]} for k, v in timings.items()])
     cells = len(reference)
     md = write_table(df, args.out, "attack-speed",
                      f"Attack suite ({args.config}, {cells} cells: {len(args.attacks)} families, modes "

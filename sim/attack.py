@@ -182,6 +182,10 @@ def cell_seconds(results_dir: Path) -> dict[str, float]:
     return {a: sum(v) / len(v) for a, v in seen.items()}
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def plan(cfg: Config, families: list[str], modes: list[str], store: CellStore, pool_source: str, slots: int
          ) -> pd.DataFrame:
     """Every cell of the report, whether it is stored, and the time the missing ones should take."""
@@ -195,7 +199,7 @@ def plan(cfg: Config, families: list[str], modes: list[str], store: CellStore, p
         state = "stored " if c["stored"] else "to run "
         print(f"{state} {c['victim']:<4} {c['mode']:<10} {c['attacker']:<24} {c['key']}")
     unknown = f" ({known.isna().sum()} cells of attackers never stored: not counted)" if known.isna().any() else ""
-    estimate = (f"about {known.sum() / 60:.1f} min of work, {known.sum() / 60 / slots:.1f} min on {slots} task "
+    estimate = (f"about {_duration(known.sum())} of work, {_duration(known.sum() / slots)} on {slots} task "
                 f"slot(s), from the mean seconds of stored cells of the same attackers{unknown}"
                 if known.notna().any() else "no estimate: no cell of these attackers is stored under this results root")
     print(f"{len(table)} cells: {int(table['stored'].sum())} stored, {len(missing)} to run; {estimate}", flush=True)

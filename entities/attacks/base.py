@@ -18,6 +18,7 @@ that fails proves nothing about the defence.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,12 +165,13 @@ class Knowledge:
         """The model ``tag`` from this run, from the attacker's store, or built, trained and stored now;
         ``clean``: trained on clean public pairs only, so stored under :attr:`clean_key`.
 
-        The initial weights are drawn from the attacker's seed, not from whatever the random state was
-        when this model's turn came: a model trained in a task of its own, in any order, is the same.
+        The initial weights are drawn from the attacker's seed and the model's tag, not from whatever the
+        random state was when this model's turn came: a model trained in a task of its own, in any order,
+        is the same, and no two models start from the same draw.
         """
         if tag in self.memo:
             return self.memo[tag]
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed * 2**32 + zlib.crc32(tag.encode()))
         model = build()
         path = self.model_path(tag, clean)
         if path.is_file():

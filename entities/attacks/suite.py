@@ -288,11 +288,15 @@ def run_suite(cfg: Config, families: list[str], modes: list[str], store: CellSto
     if computed:
         _compute(cfg, split, shards, rows, computed, flower_pools or {}, modes, executor, store, found, run,
                  len(cells))
+    copied = 0
     for c in todo:
         if c.key in twins and twins[c.key] in found:
             twin = found[twins[c.key]]
             found[c.key] = store.put(c.key, {**twin, "mode": RAW, "seconds": 0.0}, store.thumbnails(twin["key"]))
             run.computed.append(c.key)
+            copied += 1
+    if copied:
+        log.info("attack suite: %d raw-image cells copied from their clean twins", copied)
     lost = [c for c in todo if c.key not in found]
     if lost:
         raise SuiteError(f"{len(lost)} of {len(todo)} cells failed; the {len(run.computed)} finished are stored in "
