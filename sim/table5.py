@@ -347,7 +347,9 @@ def write_outputs(cfg: Config, rows: list[Row], seeds: list[int], run: GridRun, 
         f"pretrained with ({cfg.pretrain.epochs} epochs), so row 1 at the first seed is Φ itself (evaluated,",
         f"not retrained). Row 5 trains on all of S for only {cfg.table5.all_epochs} epoch(s){row5_pace(table, cfg)},",
         "a budget that keeps the grid short, so row 5 is under-trained compared with the paper's.",
-        f"Rows 6-12 and all4 refine Φ's φ2 for {cfg.decider.epochs} epochs on cached φ1 features; fedavg is",
+        f"Rows 6-12 and all4 refine Φ's φ2 for {cfg.decider.epochs} epochs on cached φ1 features"
+        + (f" of {cfg.decider.views} views of each image (itself and augmented copies, own and shared)"
+           if cfg.decider.views > 1 else "") + "; fedavg is",
         f"Flower's FedAvg of φ2 over E1-E4 on their own features ({cfg.table5.fedavg_rounds} rounds x",
         f"{cfg.table5.fedavg_local_epochs} local epochs).",
         f"With {len(d.task_classes)} classes{top5}. Paper: ImageNet, 500 classes, ResNet-50. Run: {how};",
