@@ -101,6 +101,19 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def screening_text(decisions: list[dict], cfg: Config, args) -> str:
+    """Who refused whose pool under each lie, and why (the first seed's decisions: screening has no seed)."""
+    first = [d for d in decisions if d["check"] and d["seed"] == cfg.data.seed]
+    table = pd.DataFrame({"lie": [d["lie"] for d in first], "receiver": [d["receiver"] for d in first],
+                          "kept": [", ".join(d["kept"]) for d in first],
+                          "refused": [", ".join(d["refused"]) or "none" for d in first],
+                          "why": ["; ".join(f"{s}: {w}" for s, w in d["why"].items()) or "–" for d in first]})
+    return (f"# Screening: {cfg.name}, liar {args.liar}, sharing {cfg.collab.share}, margin {args.margin:g} nats\n\n"
+            f"{markdown_table(table)}\n\nEach honest receiver's decision on every pool it received "
+            "(entities/screening.py): per class, the pointwise mutual information between a pool's labels and Φ's "
+            "φ2 on its items, against the median over the senders and the receiver's own images.\n")
+
+
 def checks(table: pd.DataFrame) -> list[str]:
     honest = table[table["lie"] == "honest"]
     lying = table[table["lie"] != "honest"]
@@ -122,6 +135,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                              "median in some class (entities/screening.py)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds data.seed, data.seed+1, ...")
     parser.add_argument("--sequential", action="store_true", help="every task in this process, without Ray")
+    parser.add_argument("--screen-only", action="store_true",
+                        help="write each receiver's screening decisions (screening.md) and stop before refining")
     add_config_args(parser)
     parser.set_defaults(config="collab-scale")
     args = parser.parse_args(argv)
@@ -156,6 +171,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         decisions.append({"lie": lie.name, "check": check, "receiver": receiver, "seed": seed,
                                           "kept": kept, "refused": sorted(decision.refused) if decision else [],
                                           "why": decision.refused if decision else {}, "key": key})
+        if args.screen_only:
+            text = screening_text(decisions, cfg, args)
+            write_text(out_dir / "screening.md", text)
+            write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv),
+                             name="provenance-screening.json")
+            print(text)
+            return pd.DataFrame(decisions)
         done = {k: json.loads((cells / f"{k}.json").read_text()) for k in jobs if (cells / f"{k}.json").is_file()}
         todo = {k: v for k, v in jobs.items() if k not in done}
         log.info("dishonest collaborator: %d refinements to run, %d stored in %s (for %d settings)", len(todo),

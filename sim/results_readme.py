@@ -69,6 +69,10 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Privacy under attack", "attack/collab/reading.md"),
     ("The privacy-utility frontier", "attack/collab/frontier.md"),
     ("The privacy-utility frontier", "attack/collab/frontier-reading.md"),
+    ("Utility against the label-only floors", "utility/regime/regime.md"),
+    ("Utility against the label-only floors", "table5/collab-scale-floors/sharing.md"),
+    ("Utility against the label-only floors", "utility/dishonest-collab-scale/screening.md"),
+    ("Utility against the label-only floors", "utility/reading.md"),
 )
 
 
