@@ -22,6 +22,7 @@ from entities.pipeline import ArtefactStore, SharedModules, history_path, read_h
 from entities.pools import Pool
 from entities.runtime import key_part
 from entities.train import (
+    augmented_views,
     evaluate_classifier,
     evaluate_reconstruction,
     extract_features,
@@ -44,6 +45,12 @@ class Entity:
         self.features: torch.Tensor | None = None
         self.dpm: DeepPoisoningModule | None = None
         self._pool_scores: dict[str, float] | None = None
+
+    def views(self, views: int, seed: int) -> list[Entity]:
+        """Itself, then ``views`` − 1 augmented copies of its shard under its name (so each copy uses its
+        stored DPM): the decider's ``views`` recipe, the same in Table 5, the frontier and Flower."""
+        copies = augmented_views(self.images, views, seed)[1:]
+        return [self, *(Entity(self.name, v, self.labels, self.store) for v in copies)]
 
     def featurize(self, shared: SharedModules) -> Pool:
         """φ1 of its own images, once: DPM training and refinement both reuse them."""

@@ -9,6 +9,8 @@ the submitter's choosing), and its disclosure ceiling: the most SSIM between wha
 images that it accepts. It also says what the entity accepts: with ``screen-margin`` set, it keeps a
 sender's pool only if its labels agree with the shared decider about as often as the others' do
 (:mod:`entities.screening`), so a collaborator that lies in its labels is left out by each receiver.
+A run whose decider is refined on several views of each image (``decider.views``) makes each entity share
+one poisoned item per view: ``max-views`` (default 1) is the most it accepts.
 
 Before sending a DPM pool the entity measures it with the strongest attack it can run locally: ψ
 from the server, and a decoder (:mod:`entities.attacks.decoder`, the attack suite's) trained on half
@@ -41,7 +43,7 @@ from entities.train import infer, to_float
 
 POLICY_KEYS = {"allow-share": "allow", "data-root": "data_root", "private-store": "store",
                "disclosure-ceiling": "ceiling", "attack-epochs": "attack_epochs", "attack-pairs": "attack_pairs",
-               "screen-margin": "screen_margin"}
+               "screen-margin": "screen_margin", "max-views": "max_views"}
 
 
 class PolicyRefusal(RuntimeError):
@@ -61,6 +63,9 @@ class EntityPolicy:
     # Receiving: refuse a sender's pool whose labels agree with φ2 more than this many nats below the median in
     # some class (entities/screening.py); None keeps every pool that passes the shape checks.
     screen_margin: float | None = None
+    # Sending: the most views of each image (itself and augmented copies, decider.views) it contributes on.
+    # Each view is one more poisoned item of the same image, so more for an attacker to combine: 1 unless allowed.
+    max_views: int = 1
     source: str = "defaults"
 
     def store_root(self) -> Path:
@@ -70,6 +75,11 @@ class EntityPolicy:
         if mode not in self.allow:
             raise PolicyRefusal(f"{entity} refuses sharing mode {mode!r}: its policy ({self.source}) allows only "
                                 f"{', '.join(self.allow)}; nothing was sent")
+
+    def check_views(self, entity: str, views: int) -> None:
+        if views > self.max_views:
+            raise PolicyRefusal(f"{entity} refuses to share {views} views of each image (decider.views): its policy "
+                                f"({self.source}) allows at most max-views = {self.max_views}; nothing was sent")
 
     def check_disclosure(self, entity: str, mode: str, measured: dict[str, float]) -> None:
         worst = max(measured, key=measured.get)
@@ -104,7 +114,7 @@ def _value(key: str, value: Any, where: str) -> Any:
             if not 0 <= margin < float("inf"):
                 raise ValueError("must be a finite number of nats, at least 0")
             return margin
-        if field in ("attack_epochs", "attack_pairs"):
+        if field in ("attack_epochs", "attack_pairs", "max_views"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
             number = int(value)

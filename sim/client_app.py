@@ -30,7 +30,7 @@ from entities.data import TaskSplit
 from entities.entity import Entity
 from entities.pipeline import ArtefactStore, entity_names, entity_shards, load_task
 from entities.policy import EntityPolicy, load_policy, local_disclosure
-from entities.pools import PoolSpec, feature_scale
+from entities.pools import Pool, PoolSpec, feature_scale
 from entities.screening import screen
 from entities.sharing import get_mode, step1
 from entities.train import extract_features
@@ -96,7 +96,9 @@ def introduce(msg: Message, context: Context) -> Message:
     the run at once when its sharing mode is outside this node's policy."""
     cfg = config_from_run_config(context.run_config)
     name = entity_name(cfg, context)
-    load_policy(context.node_config).check_mode(name, cfg.collab.share)
+    policy = load_policy(context.node_config)
+    policy.check_mode(name, cfg.collab.share)
+    policy.check_views(name, cfg.decider.views)
     return Message(content=RecordDict({"entity": ConfigRecord({"name": name})}), reply_to=msg)
 
 
@@ -138,18 +140,22 @@ def share_pool(msg: Message, context: Context) -> Message:
     here = local(context)
     cfg, entity = here.cfg, here.entity
     here.policy.check_mode(entity.name, cfg.collab.share)
+    here.policy.check_views(entity.name, cfg.decider.views)
     mode = get_mode(cfg.collab.share)
     shared = unpack_shared(msg.content["shared"], cfg, entity.images.shape[1:])
     context.state["shared"] = msg.content["shared"]  # kept on this node for step 3
     sent = mode.contribute(entity, shared, cfg, here.seed)
     measured = local_disclosure(entity, sent, here.policy, cfg.attack, here.seed)
     here.policy.check_disclosure(entity.name, sent.mode, measured)
-    metrics = {"num-examples": len(entity.labels), "items_shared": len(sent), "disclosure_ssim": sent.disclosure,
+    # With decider.views > 1 it contributes on each augmented view of its shard too (measured on the shard).
+    pool = Pool.union([sent.pool(), *(mode.contribute(view, shared, cfg, here.seed).pool()
+                                      for view in entity.views(cfg.decider.views, cfg.data.seed)[1:])])
+    metrics = {"num-examples": len(entity.labels), "items_shared": len(pool), "disclosure_ssim": sent.disclosure,
                "label_ssim": sent.label_disclosure, "local_disclosure_ssim": max(measured.values()),
                "disclosure_ceiling": here.policy.ceiling}
     metrics |= mode.metrics(entity, shared, here.test_features(shared.phi1), here.test_labels)
     metrics["pool_seconds"] = time.time() - t0
-    return reply(msg, metrics, pool=pack_pool(sent.pool(), sent.mode))
+    return reply(msg, metrics, pool=pack_pool(pool, sent.mode))
 
 
 @app.train("refine")
@@ -169,7 +175,7 @@ def refine(msg: Message, context: Context) -> Message:
     bound = cfg.collab.feature_bound * feature_scale(entity.featurize(shared).features)
     mode.validate("received", received, PoolSpec(
         tuple(test_features.shape[1:]), len(cfg.data.task_classes), tuple(entity.images.shape[1:]),
-        max_items=cfg.collab.max_pool * (len(entity_names(cfg)) - 1), bound=bound))
+        max_items=cfg.collab.max_pool * cfg.decider.views * (len(entity_names(cfg)) - 1), bound=bound))
     senders = unpack_senders(received, msg.content["senders"])
     pools = {s: mode.training_pool(p, shared.phi1) for s, p in senders.items()}
     records = {}
@@ -178,8 +184,9 @@ def refine(msg: Message, context: Context) -> Message:
         pools = {s: pools[s] for s in decision.kept}
         records["screening"] = ConfigRecord({"senders": list(decision.refused),
                                              "reasons": list(decision.refused.values())})
-    _, own = entity.refine(shared, [], cfg, test_features, here.test_labels, seed=here.seed)
-    _, refined = entity.refine(shared, list(pools.values()), cfg, test_features, here.test_labels, seed=here.seed)
+    views = [view.featurize(shared) for view in entity.views(cfg.decider.views, cfg.data.seed)[1:]]  # its own
+    _, own = entity.refine(shared, views, cfg, test_features, here.test_labels, seed=here.seed)
+    _, refined = entity.refine(shared, [*views, *pools.values()], cfg, test_features, here.test_labels, seed=here.seed)
     metrics = {
         "num-examples": len(entity.labels),
         "received_images": len(received),

@@ -55,7 +55,7 @@ from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
 from sim.executors import add_executor_args, executor_from_args, run_all
 from sim.grid import RAW as RAW_ROW
-from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key, views_of
+from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key
 
 log = logging.getLogger("poisonpool")
 
@@ -148,15 +148,17 @@ def pools_of(cfg: Config, point: Point, split, entities: dict[str, Entity], shar
             top1[name] = evaluate_classifier(nn.Sequential(mapping, shared.phi2), test, split.S.test_labels)["top1"]
             if name in SENDERS:
                 parts = []
-                for view in views_of(cfg, entity):
+                for view in entity.views(cfg.decider.views, cfg.data.seed):
                     features = infer(mapping, view.featurize(shared).features)
                     if point.mode == DPM and cfg.dpm.anonymity > 1:
                         features = k_anonymous(features, entity.labels, cfg.dpm.anonymity, seed)
                     parts.append(Pool(features, entity.labels))
                 pools[name] = Pool.union(parts)
         elif name in SENDERS:
-            pools[name] = Pool.union([get_mode(point.mode).training_pool(
-                contribute(view, shared, cfg, seed, point.mode).pool(), shared.phi1) for view in views_of(cfg, entity)])
+            mode = get_mode(point.mode)
+            pools[name] = Pool.union([mode.training_pool(contribute(view, shared, cfg, seed, point.mode).pool(),
+                                                         shared.phi1)
+                                      for view in entity.views(cfg.decider.views, cfg.data.seed)])
     return pools, top1
 
 
@@ -192,7 +194,7 @@ def utility(cfg: Config, point: Point, rows: RowStore, seeds: int = 1) -> dict:
                 else:
                     if pools is None:
                         pools, top1 = pools_of(cfg, point, split, entities, shared, art)
-                        own = {n: Pool.union([v.featurize(shared) for v in views_of(cfg, e)])
+                        own = {n: Pool.union([v.featurize(shared) for v in e.views(cfg.decider.views, cfg.data.seed)])
                                for n, e in entities.items()}
                     parts = {f"phi1:{n}": p for n, p in own.items()} | {f"pool:{n}": p for n, p in pools.items()}
                     result = feature_row(row, seed, cfg, shared.backbone, test, split.S.test_labels,

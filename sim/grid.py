@@ -35,7 +35,7 @@ from entities.files import ArtefactError, artefact_key, write_json
 from entities.pipeline import ArtefactStore, cached_features, entity_shards, load_task, step1_curves
 from entities.pools import PoolError, PoolSpec, load_pool
 from entities.sharing import DPM, get_mode, step1
-from entities.train import augmented_views, evaluate_classifier, pretrain, train_decider
+from entities.train import evaluate_classifier, pretrain, train_decider
 
 RAW, FEATURES, FEDAVG = "raw", "features", "fedavg"
 # Part of every row's key: raise it when the way a row is computed changes, so that rows stored by
@@ -238,17 +238,11 @@ def prepare(cfg: Config, pools: dict[str, Pool] | None = None, threads: int = 0)
     return GridInputs(shared.backbone, own, made if pools is None else pools, test_features, metrics, curves)
 
 
-def views_of(cfg: Config, entity: Entity) -> list[Entity]:
-    """The entity, then ``decider.views`` − 1 augmented copies of its shard under its name (so its stored DPM)."""
-    views = augmented_views(entity.images, cfg.decider.views, cfg.data.seed)[1:]
-    return [entity, *(Entity(entity.name, v, entity.labels, entity.store) for v in views)]
-
-
 def with_views(cfg: Config, entity: Entity, shared, own: Pool, sent: Pool | None, mode) -> tuple[Pool, Pool | None]:
     """``own`` and ``sent`` (what the entity's contribution gives a receiver) with ``decider.views`` − 1
     augmented views of its shard added: the receiver featurizes its views itself, the sender contributes
     on each view with what it made on the shard (its stored DPM)."""
-    copies = views_of(cfg, entity)[1:]
+    copies = entity.views(cfg.decider.views, cfg.data.seed)[1:]
     own = Pool.union([own, *(c.featurize(shared) for c in copies)])
     if sent is not None:
         sent = Pool.union([sent, *(mode.training_pool(mode.contribute(c, shared, cfg, seed=cfg.data.seed).pool(),

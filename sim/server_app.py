@@ -70,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
                                     node_wait=float(context.run_config.get("node-wait", 120)), share=share,
                                     roster=parse_roster(str(context.run_config.get("roster", ""))),
                                     max_pool=cfg.collab.max_pool, feature_bound=cfg.collab.feature_bound,
-                                    items_per_image=get_mode(share).items_per_image(cfg))
+                                    items_per_image=get_mode(share).items_per_image(cfg) * cfg.decider.views)
             result = strategy.result
             strategy.start(audited, ArrayRecord(), timeout=float(context.run_config.get("timeout", 3600)))
         except BaseException as err:  # any failure, not only the strategy's own, marks the run failed

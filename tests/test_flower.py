@@ -333,6 +333,21 @@ def test_a_run_config_asking_for_raw_images_is_refused_by_every_entity(results):
     assert set(msgs["message_type"]) == {"query.entity"} and not (msgs["kind"] == "array").any()
 
 
+def test_an_entity_shares_augmented_views_only_as_far_as_its_policy_allows(sim_run, results):
+    """decider.views = 2 asks each entity for a second poisoned item per image (on an augmented copy of its shard):
+    E3 keeps the default policy (max-views 1) and refuses the run; the others allow two views and send them."""
+    two = {k: {"max-views": 2} for k in (0, 1, 3)}
+    out, _ = run_in_process(results, "views", {}, ("decider.views=2",), policies=two)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and len(run["refused"]) == 1
+    assert "E3 refuses to share 2 views of each image" in run["refused"][0] and "max-views = 1" in run["refused"][0]
+    df = pd.read_csv(out / "summary.csv").set_index("entity")
+    n = df["num-examples"]
+    assert list(df.loc[["E1", "E2", "E4"], "items_shared"]) == [2 * n["E1"], 2 * n["E2"], 2 * n["E4"]]
+    assert df.loc["E1", "received_images"] == 2 * (n["E2"] + n["E4"])
+    assert df.loc[["E1", "E2", "E4"], "top1_refined"].notna().all()
+
+
 # MDP small enough for a test: 5 PGD steps, one batch per entity (the store keeps the sets).
 MDP_SETTINGS = ("mdp.steps=5", "mdp.batch_size=200")
 
