@@ -48,7 +48,8 @@ def root(tmp_path_factory):
 
 
 def settings(root, *extra: str) -> list[str]:
-    return ["--config", "attack-tiny", "--set", f"results_root={root}", "threads=1", *DATA, *extra]
+    """In this process: the attacks are under test here, Ray's runner in tests/test_attack_scale.py."""
+    return ["--sequential", "--config", "attack-tiny", "--set", f"results_root={root}", "threads=2", *DATA, *extra]
 
 
 def cfg_of(root, *extra: str):

@@ -30,7 +30,7 @@ except DataError:
     DATA = ["data.dataset=digits"]
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ["prior", "psi", "decoder", "transfer", "substitute", "optimize"]
+FAMILIES = ["prior", "psi", "decoder", "transfer", "substitute"]  # optimize: per-image steps, no model to share
 SHARE = [CLEAN, DPM, RAW]
 
 

@@ -149,8 +149,9 @@ def test_bottlenecks_deny_the_own_pairs_attacker_that_inverts_the_papers_dpm(wor
 
 def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
     root = world[5]
-    table = attack.main(["frontier", "--config", "attack-tiny", "--points", "paper DPM", "spatial bottleneck",
-                         "raw images", "--attacks", "image", "prior", "psi", "decoder", "transfer",
+    table = attack.main(["frontier", "--sequential", "--config", "attack-tiny", "--points", "paper DPM",
+                         "spatial bottleneck", "raw images", "--attacks", "image", "prior", "psi", "decoder",
+                         "transfer",
                          "--results-root", str(root), "--set", "threads=2", *(f"{k}={v}" for k, v in DATA.items())])
     run_dir = root / "attack" / "attack-tiny"
     stored = pd.read_csv(run_dir / "frontier.csv")
