@@ -28,9 +28,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from entities.attacks.base import LABEL_ONLY_MODES
 from entities.attacks.card import find_worst
 from entities.config import Config
 from entities.files import results_lock
+from entities.metrics import utility_retained
 from entities.pipeline import entity_shards, load_task
 from entities.provenance import command_line, write_provenance
 from entities.report import write_curves, write_json, write_table
@@ -404,6 +406,18 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
         lines.append(line)
     own = tables[next(iter(tables))]
     own_top1 = dict(zip(own["row"], own["top-1"], strict=True))
+    floors = [line for mode, line in zip(tables, lines, strict=True) if mode in LABEL_ONLY_MODES]
+    retained = ""
+    if len(floors) == len(LABEL_ONLY_MODES):  # utility against the better label-only floor, where both ran
+        for r in SHARED_ROWS:
+            floor = max(f[f"row {r} top-1"] for f in floors)
+            if np.isnan(floor) or unpoisoned(r) not in own_top1:
+                continue
+            for line in lines:
+                line[f"row {r} retained"] = utility_retained(line[f"row {r} top-1"], floor, own_top1[unpoisoned(r)])
+            retained = (" Retained: (row(mode) − row(better label-only floor)) / (row(clean φ1) − that floor), the "
+                        "clean row being the same entities' data with every pool replaced by clean φ1 features "
+                        "(row 6 for row 7, all4 for row 12), from the mean top-1 over seeds.")
     alone = ", ".join(f"row {r} {own_top1[r]:.1f}" for r in (*OWN_ROW.values(), unpoisoned(SHARED_ROWS[0]))
                       if r in own_top1)
     reports = sorted({w["report"] for by_victim in (worst or {}).values() for w in by_victim.values()})
@@ -416,7 +430,7 @@ def sharing_table(tables: dict[str, pd.DataFrame], metrics: dict[str, dict], rou
                        "disclosure", f"Top-1 (%) of rows {shared} when the pools P_k(φ1(S_k)) are replaced by what "
                        "each mode shares; the rows without shared data do not depend on the mode (" + alone + "). "
                        "SSIM columns: mean over the entities of the sender's own measurement (see pools-<mode>.md); "
-                       "for DPM pools that is ψ's reconstruction (ψ only). " + attacked)
+                       "for DPM pools that is ψ's reconstruction (ψ only). " + attacked + retained)
 
 
 def main(argv: list[str] | None = None) -> dict[str, GridRun]:

@@ -113,6 +113,26 @@ def test_utility_retained_against_a_hand_computation():
     assert excess_disclosure(0.170, 0.152) == pytest.approx(0.018)
 
 
+def test_table5_sharing_table_says_what_each_mode_retains_over_the_better_floor(tmp_path):
+    """sharing.md's retained columns: row 7 against row 6, row 12 against all4, both over the better floor."""
+    from sim.table5 import sharing_table
+
+    def table(**rows: float) -> pd.DataFrame:
+        return pd.DataFrame({"row": [r.removeprefix("r") for r in rows], "top-1": list(rows.values())})
+
+    own = {"r1": 50.0, "r6": 60.0, "all4": 70.0}
+    tables = {"dpm": table(**own, r7=57.0, r12=64.0), "prototypes": table(**own, r7=52.0, r12=61.0),
+              "class-stats": table(**own, r7=53.0, r12=58.0)}
+    sent = {"E1": {"bytes_per_image": 4, "disclosure_ssim": 0.1, "label_ssim": 0.1}}
+    sharing_table(tables, dict.fromkeys(tables, sent), 2, tmp_path)
+    got = pd.read_csv(tmp_path / "sharing.csv").set_index("shared")
+    dpm = got.iloc[0]
+    assert dpm["row 7 retained"] == pytest.approx((57 - 53) / (60 - 53))
+    assert dpm["row 12 retained"] == pytest.approx((64 - 61) / (70 - 61))
+    assert got["row 7 retained"].iloc[2] == pytest.approx(0.0)  # the better floor retains nothing by definition
+    assert "row 8 retained" not in got  # no floor ran row 8
+
+
 def test_senders_travel_beside_the_union_and_bad_counts_are_refused():
     pools = {"E2": Pool(torch.zeros(3, 2), np.array([0, 1, 0])),
              "E3": Pool(torch.ones(2, 2), np.array([1, 1]))}
