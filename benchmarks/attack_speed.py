@@ -31,7 +31,7 @@ from entities import runtime
 from entities.attacks import ATTACKS
 from entities.attacks.card import CellStore
 from entities.attacks.suite import run_suite
-from entities.config import load_config
+from entities.presets import load_config
 from entities.provenance import write_provenance
 from entities.report import write_table
 from sim.attack import modes_to_run
