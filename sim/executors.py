@@ -77,8 +77,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     # Ray nices its workers to 15 to keep a busy driver responsive; here the tasks are the work and
     # the driver only waits, so they run at the priority `--sequential` would have.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
-    return ray.init(address=address, **local).dashboard_url or ""
+    if address:
+        return ray.init(address=address).dashboard_url or ""
+    # "local", not None: ray.init(None) joins the last cluster `ray start` left on this machine, if any.
+    return ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard).dashboard_url or ""
 
 
 def add_executor_args(parser, what: str) -> None:

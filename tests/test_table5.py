@@ -239,6 +239,9 @@ def test_address_auto_joins_a_running_cluster(grid, root):
         status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert status.returncode == 0 and "2.0 CPU" in status.stdout  # the command left the cluster up
+        # Without --address a run starts its own instance, however many clusters `ray start` left running.
+        table5.main(["--rows", "4", "--num-cpus", "1", *settings(root, "decider.lr=0.02")])
+        assert "Run: Ray, 1 CPU" in (root / "table5" / "table5-tiny" / "table5.md").read_text()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=180)
 
