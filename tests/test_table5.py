@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -230,9 +231,17 @@ def test_address_auto_joins_a_running_cluster(grid, root):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    # --block in a session of its own: the cluster is this process group, stopped by its PID at the end
+    # (`ray stop` would stop every Ray instance on the machine, a user's runs included).
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(1)
         run = table5.main(["--rows", "4", "6", "--address", "auto", *settings(root, "decider.lr=0.02")])["dpm"]
         assert run.reused == [("4", 0)] and run.computed == [("6", 0)]
         assert "Run: Ray, 2 CPUs, 1 per row" in (root / "table5" / "table5-tiny" / "table5.md").read_text()
@@ -243,7 +252,17 @@ def test_address_auto_joins_a_running_cluster(grid, root):
         table5.main(["--rows", "4", "--num-cpus", "1", *settings(root, "decider.lr=0.02")])
         assert "Run: Ray, 1 CPU" in (root / "table5" / "table5-tiny" / "table5.md").read_text()
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its processes, then its reaper the group
+        head.wait(timeout=120)
+    time.sleep(2)
+    assert not [p for p in psutil.process_iter() if _in_group(p, head.pid)], "a process of the cluster outlived it"
+
+
+def _in_group(process: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == group
+    except (ProcessLookupError, psutil.Error):
+        return False
 
 
 def test_sigkill_during_a_table5_run_keeps_finished_rows_and_the_rerun_completes(grid, root):
