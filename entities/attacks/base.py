@@ -218,3 +218,6 @@ class Family:
     attackers: Callable[[Config], list[str]]
     reconstruct: Callable[[Knowledge, Target, str], torch.Tensor | None]
     models: Callable[[Config, str, str, str], list[Model]] = no_models
+    # Rough cost of one cell against a cell that only scores a trained model's output. The suite submits the
+    # costliest ready cells first, so that no long cell is left running alone on one core at the end.
+    cost: float = 1.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -338,9 +339,13 @@ def _compute(cfg: Config, split, shards: dict[str, np.ndarray], rows: dict[str, 
     needs = {c.key: ATTACKS[c.family].models(cfg, c.victim, c.mode, c.attacker) for c in todo}
     models = {m.tag: m for ms in needs.values() for m in ms}
     users = {tag: sum(tag in {m.tag for m in ms} for ms in needs.values()) for tag in models}
+    # A model's priority is that of the costliest cell waiting for it (see Family.cost).
+    unblocks = {tag: max(ATTACKS[c.family].cost for c in todo if tag in {m.tag for m in needs[c.key]})
+                for tag in models}
     pools = list(dict.fromkeys((c.victim, c.mode) for c in todo))
     pool_of = {m.tag: (c.victim, c.mode) for c in todo for m in needs[c.key] if m.pool}
     cells_of = {p: [c for c in todo if (c.victim, c.mode) == p] for p in pools}
+    pool_cost = {p: max(ATTACKS[c.family].cost for c in cells_of[p]) for p in pools}
     done: dict[str, object] = {}  # label -> what later tasks take (executor.ref)
     seconds: dict[str, float] = {}
     pending: dict[object, _Job] = {}
@@ -358,17 +363,17 @@ def _compute(cfg: Config, split, shards: dict[str, np.ndarray], rows: dict[str, 
         return f"pool {p[0]} {p[1]}"
 
     def schedule() -> None:
-        """Submit every task whose inputs are now done (in the card's order)."""
+        """Submit the tasks whose inputs are now done, costliest first, only as many as run at once: a task
+        queued early would run before a costlier one that became ready later, and the longest cells would be
+        left for the end, each alone on a core (priority: the costliest cell a task unblocks)."""
+        ready: list[tuple[float, Callable[[], None]]] = []
         for p in pools:
             label = pool_label(p)
-            if label in submitted or len(open_pools) > executor.slots:
-                continue
             victim, mode = p
-            if mode == AUGMDP and (victim, MDP) in cells_of and pool_label((victim, MDP)) not in built:
+            if label in submitted or (mode == AUGMDP and (victim, MDP) in cells_of
+                                      and pool_label((victim, MDP)) not in built):
                 continue
-            open_pools.add(p)
-            submit(_Job("pool", label, p), _build_target, cfg, refs_of["shared"], refs_of[f"victim:{victim}"], mode,
-                   rows[victim], flower_pools.get(victim) if mode == DPM else None)
+            ready.append((pool_cost[p], lambda p=p: submit_pool(p)))
         for tag, m in models.items():
             if tag in submitted:
                 continue
@@ -377,26 +382,35 @@ def _compute(cfg: Config, split, shards: dict[str, np.ndarray], rows: dict[str, 
             if any(w in failed for w in wait):
                 failed[tag] = f"needs {', '.join(w for w in wait if w in failed)}"
                 submitted.add(tag)
-                continue
-            if all(w in done for w in wait):
+            elif all(w in done for w in wait):
                 target = done[wait[0]] if m.pool else None
-                submit(_Job("model", tag, m), _train_model, m, refs_of["know"], target, *(done[a] for a in m.after))
-        for p in pools:
-            if pool_label(p) not in done:
-                continue
-            for c in cells_of[p]:
-                if c.key in submitted:
-                    continue
-                wait = [m.tag for m in needs[c.key]]
-                if any(w in failed for w in wait):
-                    failed[c.key] = f"needs {', '.join(w for w in wait if w in failed)}"
-                    submitted.add(c.key)
-                    bar.update(1)
-                    close(p)
-                elif all(w in done for w in wait):
-                    submit(_Job("cell", f"{c.attacker} vs {c.victim} {c.mode}", c), _attack_cell, c,
-                           refs_of["know"], done[pool_label(p)], refs_of[f"images:{c.victim}"],
-                           rows[c.victim][:FIGURE_CANDIDATES], *(done[w] for w in wait))
+                ready.append((unblocks[tag], lambda tag=tag, m=m, target=target: submit(
+                    _Job("model", tag, m), _train_model, m, refs_of["know"], target, *(done[a] for a in m.after))))
+        for c in (c for p in pools if pool_label(p) in done for c in cells_of[p] if c.key not in submitted):
+            p = (c.victim, c.mode)
+            wait = [m.tag for m in needs[c.key]]
+            if any(w in failed for w in wait):
+                failed[c.key] = f"needs {', '.join(w for w in wait if w in failed)}"
+                submitted.add(c.key)
+                bar.update(1)
+                close(p)
+            elif all(w in done for w in wait):
+                ready.append((ATTACKS[c.family].cost, lambda c=c, p=p, wait=wait: submit(
+                    _Job("cell", f"{c.attacker} vs {c.victim} {c.mode}", c), _attack_cell, c, refs_of["know"],
+                    done[pool_label(p)], refs_of[f"images:{c.victim}"], rows[c.victim][:FIGURE_CANDIDATES],
+                    *(done[w] for w in wait))))
+        for _, start in sorted(ready, key=lambda r: -r[0]):  # stable: the card's order among equals
+            if len(pending) >= executor.slots:
+                break
+            start()
+
+    def submit_pool(p: tuple[str, str]) -> None:
+        """Build a victim's pool, if fewer than ``executor.slots + 1`` are held (each is kept until its last cell)."""
+        if len(open_pools) > executor.slots:
+            return
+        open_pools.add(p)
+        submit(_Job("pool", pool_label(p), p), _build_target, cfg, refs_of["shared"], refs_of[f"victim:{p[0]}"], p[1],
+               rows[p[0]], flower_pools.get(p[0]) if p[1] == DPM else None)
 
     left = {p: len(cells_of[p]) for p in pools}
 
