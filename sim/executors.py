@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -27,13 +29,43 @@ from sim.cli import setup_logging
 log = logging.getLogger("poisonpool")
 
 
+@dataclass(frozen=True)
+class _Put:
+    """What ``RayPool.put`` hands out: the object's reference, nested so that Ray leaves resolving it to
+    the worker, which keeps what it resolved (:func:`_resolve`)."""
+
+    ref: object
+
+
+_RESOLVED: OrderedDict[str, object] = OrderedDict()  # per worker: the last objects it resolved, by reference
+_KEEP = 8
+
+
+def _resolve(arg):
+    """A ``_Put``'s object, from this worker's memory when an earlier task here resolved it. Ray would
+    unpickle it afresh for every task (a pickled model or tensor is copied, unlike a NumPy array, which is a view
+    of the object store); a suite's cells all take the same few large objects, about 80 ms each time. The
+    objects are only read, as in-process runs share one object among all tasks."""
+    if not isinstance(arg, _Put):
+        return arg
+    import ray
+
+    key = arg.ref.hex()
+    if key not in _RESOLVED:
+        _RESOLVED[key] = ray.get(arg.ref)
+        while len(_RESOLVED) > _KEEP:
+            _RESOLVED.popitem(last=False)
+    _RESOLVED.move_to_end(key)
+    return _RESOLVED[key]
+
+
 def _in_worker(fn: Callable, *args, **kwargs):
     """A task's body: with logging set up, its progress lines reach the driver's console."""
     setup_logging()
     # Arrays from Ray's object store are read-only views; tasks only read them, so torch's warning
     # about sharing non-writable memory would be noise on every worker.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    return fn(*args, **kwargs)
+    return fn(*(_resolve(a) for a in args), **{k: _resolve(v) for k, v in kwargs.items()})
 
 
 class RayPool:
@@ -52,7 +84,7 @@ class RayPool:
         self.slots = max(1, int(min(per_task)))
 
     def put(self, obj):
-        return self.ray.put(obj)
+        return _Put(self.ray.put(obj))
 
     def ref(self, handle, result):
         return handle
