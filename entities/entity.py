@@ -37,8 +37,9 @@ log = logging.getLogger("poisonpool")
 class Entity:
     """An organisation with a few sensitive images that may not leave it."""
 
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, store: ArtefactStore) -> None:
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, store: ArtefactStore, view: str = "") -> None:
         self.name = name
+        self.view = view  # "" for its own shard; an augmented copy's tag, for files derived from its images
         self.images = images
         self.labels = labels
         self.store = store
@@ -50,7 +51,8 @@ class Entity:
         """Itself, then ``views`` − 1 augmented copies of its shard under its name (so each copy uses its
         stored DPM): the decider's ``views`` recipe, the same in Table 5, the frontier and Flower."""
         copies = augmented_views(self.images, views, seed)[1:]
-        return [self, *(Entity(self.name, v, self.labels, self.store) for v in copies)]
+        return [self, *(Entity(self.name, v, self.labels, self.store, f"view{k}-seed{seed}")
+                        for k, v in enumerate(copies, start=1))]
 
     def featurize(self, shared: SharedModules) -> Pool:
         """φ1 of its own images, once: DPM training and refinement both reuse them."""

@@ -161,11 +161,12 @@ def pgd_modify(f, selected: torch.Tensor, target_features: torch.Tensor, cfg: MD
     return x.detach()
 
 
-def sets_folder(cfg: MDPConfig, seed: int) -> str:
-    """Where a construction's batches live: one folder per seed and norm (ℓ∞ keeps the plain name
-    it has always had), so both readings of the paper can be stored side by side. Any other changed
-    setting finds the folder taken and stops with :class:`MDPError`."""
-    return f"mdp-sets-seed{seed}" + ("" if cfg.norm == "linf" else f"-{cfg.norm}")
+def sets_folder(cfg: MDPConfig, seed: int, view: str = "") -> str:
+    """Where a construction's batches live: one folder per seed, norm (ℓ∞ keeps the plain name it has
+    always had) and augmented view of the shard (``Entity.view``; the shard itself keeps the plain name), so
+    both readings of the paper and every view can be stored side by side. Any other changed setting finds
+    the folder taken and stops with :class:`MDPError`."""
+    return f"mdp-sets-seed{seed}" + ("" if cfg.norm == "linf" else f"-{cfg.norm}") + (f"-{view}" if view else "")
 
 
 def describe_pgd(cfg: MDPConfig) -> str:

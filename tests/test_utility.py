@@ -7,6 +7,8 @@ control) score far above it. The receiver's check refuses a label-flipped pool a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -196,3 +198,17 @@ def test_views_add_augmented_copies_of_every_image():
     assert all(v.shape == (6, 3, 32, 32) and float(v.min()) >= 0 and float(v.max()) <= 1 for v in views[1:])
     assert not torch.equal(views[1], views[2])
     assert torch.equal(views[1], augmented_views(images, 2, seed=0)[1])  # the same draw every run
+
+
+@pytest.mark.slow
+def test_mdp_is_crafted_on_every_augmented_view_in_its_own_folder(tiny):
+    """decider.views > 1 with MDP sharing: each augmented copy of the shard gets its own stored construction
+    (they once shared one folder, and the second view was refused as 'made with other settings')."""
+    cfg, split, shared, entity = tiny
+    cfg = dataclasses.replace(cfg, mdp=dataclasses.replace(cfg.mdp, steps=2))
+    mode = get_mode("mdp")
+    views = entity.views(2, cfg.data.seed)
+    sent = [mode.contribute(v, shared, cfg, seed=0) for v in views]
+    assert not torch.equal(sent[0].data, sent[1].data)
+    again = mode.contribute(entity.views(2, cfg.data.seed)[1], shared, cfg, seed=0)  # resumed from its folder
+    assert torch.equal(again.data, sent[1].data)

@@ -35,7 +35,7 @@ class MdpMode(ImageMode):
     def contribute(self, entity: Entity, shared: SharedModules, cfg: Config, seed: int) -> Contribution:
         mset = build_augmented_set(shared.backbone, entity.images, entity.labels, cfg.mdp, seed=seed,
                                    rounds=self.rounds(cfg),
-                                   out_dir=entity.store.private(entity.name, sets_folder(cfg.mdp, seed)))
+                                   out_dir=entity.store.private(entity.name, sets_folder(cfg.mdp, seed, entity.view)))
         return Contribution(self.name, mset.images.float(), mset.labels, float(ssim_to(mset, entity.images).mean()),
                             float(ssim_to(mset, entity.images, "target").mean()), mset.selected_index,
                             mset.target_index)
