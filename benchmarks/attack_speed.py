@@ -45,6 +45,20 @@ def forget_attacker_models(root: Path) -> None:
         shutil.rmtree(folder)
 
 
+def idle_share(events: list[dict], cpus: int) -> float:
+    """From Ray's timeline: the share of the suite's span during which fewer tasks ran than there are CPUs
+    (a core waiting for a task whose inputs were not done, or left idle at the end)."""
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in events
+             if e.get("ph") == "X" and e.get("cat", "").startswith("task::") and e["cat"] != "task::_warm"]
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running, last, short = 0, edges[0][0], 0.0
+    for t, step in edges:
+        if running < cpus:
+            short += t - last
+        running, last = running + step, t
+    return short / (edges[-1][0] - edges[0][0])
+
+
 def figures(run) -> pd.DataFrame:
     cells = pd.DataFrame(run.records).set_index(["victim", "mode", "attacker"]).sort_index()
     return cells[["status", "disclosure", "identification"]]
@@ -82,6 +96,7 @@ def main() -> None:
     ray_load = os.getloadavg()[0]
     try:
         run = run_suite(cfg, args.attacks, modes, CellStore(root / "ray"), executor=RayPool(1))
+        idle = idle_share(ray.timeline(), args.num_cpus)
     finally:
         ray.shutdown()
     ray_name = f"Ray, {args.num_cpus} CPUs, 1 per task"
@@ -100,7 +115,8 @@ def main() -> None:
                      f"{os.cpu_count()}-core machine, runtime {runtime.current().describe()}; suite wall time only "
                      "(Step 1, the DPMs and MDP sets stored beforehand; Ray's start-up and each worker's first "
                      f"imports excluded). Ceiling of any {args.num_cpus}-task runner over one thread on this machine "
-                     f"(measured): {ceiling:.2f}x.")
+                     f"(measured): {ceiling:.2f}x. During {idle:.0%} of the Ray pass's span fewer tasks ran than "
+                     "there are CPUs (Ray's timeline).")
     write_provenance(args.out, started, ["python", "benchmarks/attack_speed.py", *sys.argv[1:]],
                      name="provenance-attack-speed.json")
     print(md.read_text())
