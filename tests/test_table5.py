@@ -233,8 +233,8 @@ def test_address_auto_joins_a_running_cluster(grid, root):
         port = s.getsockname()[1]
     # --block in a session of its own: the cluster is this process group, stopped by its PID at the end
     # (`ray stop` would stop every Ray instance on the machine, a user's runs included).
-    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -254,6 +254,11 @@ def test_address_auto_joins_a_running_cluster(grid, root):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its processes, then its reaper the group
         head.wait(timeout=120)
+        # `ray stop` would also forget the cluster; otherwise ray.init() without an address (Flower's simulation)
+        # would try to join the dead one.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
     time.sleep(2)
     assert not [p for p in psutil.process_iter() if _in_group(p, head.pid)], "a process of the cluster outlived it"
 
