@@ -8,7 +8,8 @@ data and its private store are (so a run config cannot point the entity's privat
 the submitter's choosing), and its disclosure ceiling: the most SSIM between what it sends and its real
 images that it accepts. It also says what the entity accepts: with ``screen-margin`` set, it keeps a
 sender's pool only if its labels agree with the shared decider about as often as the others' do
-(:mod:`entities.screening`), so a collaborator that lies in its labels is left out by each receiver.
+(:mod:`entities.screening`), so a collaborator that lies in its labels is left out by each receiver; with
+``screen-repair`` it keeps what passes of such a pool (relabelled, or without the classes that fail).
 A run whose decider is refined on several views of each image (``decider.views``) makes each entity share
 one poisoned item per view: ``max-views`` (default 1) is the most it accepts.
 
@@ -43,7 +44,7 @@ from entities.train import infer, to_float
 
 POLICY_KEYS = {"allow-share": "allow", "data-root": "data_root", "private-store": "store",
                "disclosure-ceiling": "ceiling", "attack-epochs": "attack_epochs", "attack-pairs": "attack_pairs",
-               "screen-margin": "screen_margin", "max-views": "max_views"}
+               "screen-margin": "screen_margin", "screen-repair": "screen_repair", "max-views": "max_views"}
 
 
 class PolicyRefusal(RuntimeError):
@@ -63,6 +64,9 @@ class EntityPolicy:
     # Receiving: refuse a sender's pool whose labels agree with φ2 more than this many nats below the median in
     # some class (entities/screening.py); None keeps every pool that passes the shape checks.
     screen_margin: float | None = None
+    # With screening: keep what passes of a pool it would refuse, its labels relabelled where they are a permutation
+    # of what φ2 sees, else without the classes that fail (entities/screening.py).
+    screen_repair: bool = False
     # Sending: the most views of each image (itself and augmented copies, decider.views) it contributes on.
     # Each view is one more poisoned item of the same image, so more for an attacker to combine: 1 unless allowed.
     max_views: int = 1
@@ -114,6 +118,10 @@ def _value(key: str, value: Any, where: str) -> Any:
             if not 0 <= margin < float("inf"):
                 raise ValueError("must be a finite number of nats, at least 0")
             return margin
+        if field == "screen_repair":
+            if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+                raise ValueError("expected true or false")
+            return value if isinstance(value, bool) else str(value).lower() == "true"
         if field in ("attack_epochs", "attack_pairs", "max_views"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")

@@ -19,6 +19,20 @@ rerun (refused); and the pretraining entity has no held-out part at all (Φ has 
 refused an honest pool too. The second counted argmax agreements, which a φ2 leaning to one class blurs. Honest
 pools cost nothing but the check's inference: the receiver's refinement on the pools it keeps is what it
 would have been without the check.
+
+A refused pool is a loss too: the liar's items were real, only its labels lied, and a receiver that drops them
+loses what they would have taught (at collab-scale, up to a point of top-1, more than the one-class lie itself
+cost). With ``repair`` the receiver keeps what it can trust of a pool it would refuse. If the class that each
+claimed label's items agree with most (the largest mean pointwise mutual information) is a one-to-one map that
+moves some class, and every class of the pool relabelled by it is trusted, it learns from the relabelled pool:
+labels permuted, whether by a liar or by another class numbering. Otherwise, if fewer than half of its classes
+fail, it keeps the items of the trusted classes and leaves out the rest (a class relabelled as another fails in
+the class it was put in); a pool failing in more is refused whole, since a lie the check missed hides best in
+the classes a weak φ2 confuses (on collab-tiny a shifted pool of DPM features kept its class 3, all class 2). A
+pool caught lying is held to more than the check: a class is trusted if it passes the check and its labels
+clearly agree with φ2 (mean lift two standard errors above 0), since where φ2 is weak the median is low and a lie
+can pass it (on collab-tiny a shifted pool's classes 3 and 4 did). Classes with fewer than :data:`MIN_ITEMS`
+items are left out of a repaired pool: too few to judge or map.
 """
 
 from __future__ import annotations
@@ -36,49 +50,132 @@ MIN_ITEMS = 5  # a class with fewer items in a pool is not judged in it: too few
 OWN = "own"  # the receiver's own images, one more reference vote
 
 
+@dataclass(frozen=True)
+class Repair:
+    """What a receiver kept of a pool it would refuse: ``relabel`` maps each claimed label it kept to the label it
+    learns (the identity where nothing was relabelled), ``why`` says what failed and what was done."""
+
+    relabel: dict[int, int]
+    why: str
+
+    def apply(self, pool: Pool) -> Pool:
+        labels = np.asarray(pool.labels)
+        keep = np.isin(labels, list(self.relabel))
+        mapped = np.array([self.relabel[int(c)] for c in labels[keep]], dtype=labels.dtype)
+        return Pool(pool.data[torch.as_tensor(keep)], mapped)
+
+
 @dataclass
 class Screening:
     """What a receiver decided: per sender and class the agreement (nats) and its standard error, the
-    reference per class, the senders whose pools it keeps, and why it refused the others."""
+    reference per class, the senders whose pools it keeps (whole, or as ``repaired``), and why it refused the
+    others."""
 
     agreement: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
     reference: dict[int, float] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    repaired: dict[str, Repair] = field(default_factory=dict)
 
     def record(self) -> dict:
-        return {"agreement": self.agreement, "reference": self.reference, "kept": self.kept, "refused": self.refused}
+        return {"agreement": self.agreement, "reference": self.reference, "kept": self.kept, "refused": self.refused,
+                "repaired": {s: {"relabel": r.relabel, "why": r.why} for s, r in self.repaired.items()}}
+
+    def apply(self, pools: dict[str, Pool]) -> dict[str, Pool]:
+        """The pools the receiver learns from: those kept, each repaired one as repaired."""
+        return {s: self.repaired[s].apply(pools[s]) if s in self.repaired else pools[s] for s in self.kept}
+
+    def changed(self) -> dict[str, str]:
+        """Per sender the check refused or repaired, what it did and why (for run records)."""
+        return {**{s: f"refused: {w}" for s, w in self.refused.items()},
+                **{s: f"repaired: {r.why}" for s, r in self.repaired.items()}}
 
 
-def agreement(phi2: nn.Module, pool: Pool) -> dict[int, tuple[float, float]]:
-    """Per class with at least :data:`MIN_ITEMS` items: the mean over the items labelled c of log φ2(c | item)
-    − log q(c) (q: φ2's mean output over the pool), and the standard error of that mean."""
+def lift(phi2: nn.Module, pool: Pool) -> np.ndarray:
+    """Per item and class, log φ2(class | item) − log q(class), q φ2's mean output over the pool."""
     log_p = torch.log_softmax(infer(phi2, pool.features).float(), 1)
-    log_q = torch.log(log_p.exp().mean(0))
-    labels = np.asarray(pool.labels)
-    lift = (log_p[torch.arange(len(labels)), torch.as_tensor(labels)] - log_q[torch.as_tensor(labels)]).numpy()
+    return (log_p - torch.log(log_p.exp().mean(0))).numpy()
+
+
+def by_class(lifts: np.ndarray, labels: np.ndarray) -> dict[int, tuple[float, float]]:
+    """Per label with at least :data:`MIN_ITEMS` items: the mean lift of the items at their label, and its
+    standard error."""
+    labels = np.asarray(labels)
+    picked = lifts[np.arange(len(labels)), labels]
     out = {}
     for c in np.unique(labels):
-        values = lift[labels == c]
+        values = picked[labels == c]
         if len(values) >= MIN_ITEMS:
             out[int(c)] = (float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))))
     return out
 
 
-def screen(phi2: nn.Module, own: Pool, pools: dict[str, Pool], margin: float) -> Screening:
-    """Keep the pools whose per-class agreement with ``phi2`` is within ``margin`` nats of the reference."""
+def agreement(phi2: nn.Module, pool: Pool) -> dict[int, tuple[float, float]]:
+    """Per class with at least :data:`MIN_ITEMS` items: the mean over the items labelled c of log φ2(c | item)
+    − log q(c) (q: φ2's mean output over the pool), and the standard error of that mean."""
+    return by_class(lift(phi2, pool), pool.labels)
+
+
+def relabelling(lifts: np.ndarray, labels: np.ndarray) -> dict[int, int] | None:
+    """Claimed label → the class its items agree with most, over the labels with at least :data:`MIN_ITEMS`
+    items; None unless that map is one-to-one and moves some label."""
+    labels = np.asarray(labels)
+    judged = [int(c) for c in np.unique(labels) if (labels == c).sum() >= MIN_ITEMS]
+    target = {c: int(lifts[labels == c].mean(0).argmax()) for c in judged}
+    if len(set(target.values())) < len(target) or all(c == t for c, t in target.items()):
+        return None
+    return target
+
+
+def _low(by_cls: dict[int, tuple[float, float]], reference: dict[int, float], margin: float) -> dict:
+    return {c: (a, se) for c, (a, se) in by_cls.items() if a + 2 * se < reference[c] - margin}
+
+
+def _trusted(by_cls: dict[int, tuple[float, float]], reference: dict[int, float], margin: float) -> set[int]:
+    """The classes of a pool caught lying that it may keep: within the margin, and its labels clearly agreeing
+    with φ2 (mean lift two standard errors above 0), not merely close to a reference a weak φ2 leaves low."""
+    return {c for c, (a, se) in by_cls.items() if a - 2 * se > 0} - set(_low(by_cls, reference, margin))
+
+
+def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], margin: float) -> Repair | None:
+    """The pool relabelled, if every class of it is then trusted; else its trusted classes, if fewer than half of
+    its classes fail the check; else None."""
+    mapping = relabelling(lifts, labels)
+    if mapping is not None:
+        keep = np.isin(labels, list(mapping))
+        relabelled = np.array([mapping[int(c)] for c in labels[keep]])
+        if _trusted(by_class(lifts[keep], relabelled), reference, margin) == set(mapping.values()):
+            moved = ", ".join(f"{c}→{t}" for c, t in mapping.items() if c != t)
+            return Repair(mapping, f"labels relabelled ({moved}), which then agree with φ2")
+    by_cls = by_class(lifts, labels)
+    trusted = _trusted(by_cls, reference, margin)
+    if not trusted or 2 * len(_low(by_cls, reference, margin)) >= len(by_cls):
+        return None  # a pool that lies in half its classes or more is not trusted in the rest
+    return Repair({c: c for c in sorted(trusted)},
+                  f"only classes {', '.join(str(c) for c in sorted(trusted))} kept (the others disagree with φ2)")
+
+
+def screen(phi2: nn.Module, own: Pool, pools: dict[str, Pool], margin: float, repair: bool = False) -> Screening:
+    """Keep the pools whose per-class agreement with ``phi2`` is within ``margin`` nats of the reference;
+    ``repair``: keep what passes of the others (module docstring) instead of refusing them whole."""
     if margin < 0:
         raise ValueError(f"screening margin {margin} must be at least 0 nats")
-    out = Screening({s: agreement(phi2, p) for s, p in pools.items()})
+    lifts = {s: lift(phi2, p) for s, p in pools.items()}
+    out = Screening({s: by_class(lifts[s], p.labels) for s, p in pools.items()})
     votes = {**out.agreement, OWN: agreement(phi2, own)}
     classes = sorted({c for a in votes.values() for c in a})
     out.reference = {c: float(np.median([a[c][0] for a in votes.values() if c in a])) for c in classes}
-    for sender, by_class in out.agreement.items():
-        low = {c: (a, se) for c, (a, se) in by_class.items() if a + 2 * se < out.reference[c] - margin}
-        if low:
-            out.refused[sender] = "; ".join(
-                f"class {c}: its labels agree with φ2 by {a:+.2f} ± {se:.2f} nats against {out.reference[c]:+.2f} "
-                f"(median), more than {margin:g} lower" for c, (a, se) in low.items())
+    for sender, by_cls in out.agreement.items():
+        low = _low(by_cls, out.reference, margin)
+        if not low:
+            out.kept.append(sender)
+            continue
+        why = "; ".join(f"class {c}: its labels agree with φ2 by {a:+.2f} ± {se:.2f} nats against "
+                        f"{out.reference[c]:+.2f} (median), more than {margin:g} lower" for c, (a, se) in low.items())
+        fixed = _repair(lifts[sender], np.asarray(pools[sender].labels), out.reference, margin) if repair else None
+        if fixed is None:
+            out.refused[sender] = why
         else:
             out.kept.append(sender)
+            out.repaired[sender] = Repair(fixed.relabel, f"{fixed.why}; {why}")
     return out

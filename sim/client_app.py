@@ -178,19 +178,21 @@ def refine(msg: Message, context: Context) -> Message:
         max_items=cfg.collab.max_pool * cfg.decider.views * (len(entity_names(cfg)) - 1), bound=bound))
     senders = unpack_senders(received, msg.content["senders"])
     pools = {s: mode.training_pool(p, shared.phi1) for s, p in senders.items()}
-    records = {}
+    records, refused = {}, 0
     if here.policy.screen_margin is not None:  # the entity's own rule for what it learns from
-        decision = screen(shared.phi2, entity.featurize(shared), pools, here.policy.screen_margin)
-        pools = {s: pools[s] for s in decision.kept}
-        records["screening"] = ConfigRecord({"senders": list(decision.refused),
-                                             "reasons": list(decision.refused.values())})
+        decision = screen(shared.phi2, entity.featurize(shared), pools, here.policy.screen_margin,
+                          here.policy.screen_repair)
+        refused = len(decision.refused)
+        pools = decision.apply(pools)
+        records["screening"] = ConfigRecord({"senders": list(decision.changed()),
+                                             "reasons": list(decision.changed().values())})
     views = [view.featurize(shared) for view in entity.views(cfg.decider.views, cfg.data.seed)[1:]]  # its own
     _, own = entity.refine(shared, views, cfg, test_features, here.test_labels, seed=here.seed)
     _, refined = entity.refine(shared, [*views, *pools.values()], cfg, test_features, here.test_labels, seed=here.seed)
     metrics = {
         "num-examples": len(entity.labels),
         "received_images": len(received),
-        "pools_refused": len(senders) - len(pools),
+        "pools_refused": refused,
         "top1_own": own["top1"],
         "top5_own": own["top5"],
         "top1_refined": refined["top1"],

@@ -41,7 +41,8 @@ GLOSSARY: dict[str, str] = {
     "top1_own": "φ2 refined on the entity's own φ1 features only",
     "top5_own": "the same, top-5",
     "received_images": "items received from the other healthy entities, in one pool",
-    "pools_refused": "senders whose pools the entity refused by its screening policy (run.json says whose and why)",
+    "pools_refused": "senders whose pools the entity refused whole by its screening policy (run.json says whose and "
+                     "why, and which pools it repaired)",
     "top1_refined": "φ2 refined on its own features plus the pools received from the other healthy entities (φ1 "
                     "of the images in the image modes) that it kept",
     "top5_refined": "the same, top-5",

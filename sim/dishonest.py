@@ -1,13 +1,14 @@
 """A dishonest collaborator: what one entity's lying pool costs the honest ones, with and without the receivers'
-check (:mod:`entities.screening`).
+check (:mod:`entities.screening`), and with the check repairing what it can of a lying pool.
 
     python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 0.5] [--seeds 3] [--sequential]
 
 Every honest entity refines Φ's φ2 on its own φ1 features and every other entity's pool (the Flower app's
 Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's
-rows); the honest entities either keep every pool or screen each sender's pool, keeping it only if its labels
-agree with what Φ's φ2 sees in its items about as well as the others' do (:mod:`entities.screening`, run here:
-it only reads the pools). Each receiver's refinement on the pools it
+rows); the honest entities keep every pool, or screen each sender's pool, keeping it only if its labels
+agree with what Φ's φ2 sees in its items about as well as the others' do, or screen and repair: keep a failing
+pool relabelled, where its labels are a permutation of what φ2 sees, else without its failing classes
+(:mod:`entities.screening`, run here: it only reads the pools). Each receiver's refinement on the pools it
 kept is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
 share it), so a rerun resumes. Output:
 ``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv``.
@@ -55,6 +56,8 @@ LIES: tuple[Lie, ...] = (
     Lie("class 0 relabelled as class 1", lambda y, k: np.where(y == 0, 1, y)),
 )
 MARGIN = 0.5  # nats of per-class agreement below the median
+NO_CHECK, CHECK, REPAIR = "no check", "with check", "with check + repair"
+CHECKS = (NO_CHECK, CHECK, REPAIR)
 TARGETS = {"loss with the check": 0.5, "cost of the check when honest": 0.3}
 
 
@@ -86,44 +89,52 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     """Per lie and honest receiver: top-1 without and with the check (mean ± sd over seeds), what each costs
     against the honest collaboration without a check, and the refusals."""
     df = pd.DataFrame(records)
-    base = df[(df["lie"] == "honest") & ~df["check"]].groupby("receiver")["top1"].mean()
+    base = df[(df["lie"] == "honest") & (df["check"] == NO_CHECK)].groupby("receiver")["top1"].mean()
     rows = []
     for (lie, receiver), part in df.groupby(["lie", "receiver"], sort=False):
         line = {"lie": lie, "receiver": receiver}
-        for check, name in ((False, "no check"), (True, "with check")):
+        for check in CHECKS:
             got = part[part["check"] == check]["top1"]
             spread = f" ± {got.std(ddof=1):.2f}" if len(got) > 1 else ""
-            line[f"top-1, {name}"] = f"{got.mean():.2f}{spread}"
-            line[f"loss, {name}"] = round(float(base[receiver] - got.mean()), 2)
-        refused = part[part["check"]]["refused"]
-        line["refused (per seed)"] = "; ".join(sorted({", ".join(r) or "none" for r in refused}))
+            line[f"top-1, {check}"] = f"{got.mean():.2f}{spread}"
+            line[f"loss, {check}"] = round(float(base[receiver] - got.mean()), 2)
+        for check, what in ((CHECK, "refused"), (REPAIR, "repaired")):
+            senders = part[part["check"] == check][what]
+            line[f"{what}, {check}"] = "; ".join(sorted({", ".join(r) or "none" for r in senders}))
         rows.append(line)
     return pd.DataFrame(rows)
 
 
 def screening_text(decisions: list[dict], cfg: Config, args) -> str:
-    """Who refused whose pool under each lie, and why (the first seed's decisions: screening has no seed)."""
-    first = [d for d in decisions if d["check"] and d["seed"] == cfg.data.seed]
-    table = pd.DataFrame({"lie": [d["lie"] for d in first], "receiver": [d["receiver"] for d in first],
+    """Who refused or repaired whose pool under each lie, and why (the first seed's decisions: screening has no
+    seed)."""
+    first = [d for d in decisions if d["check"] != NO_CHECK and d["seed"] == cfg.data.seed]
+    table = pd.DataFrame({"lie": [d["lie"] for d in first], "check": [d["check"] for d in first],
+                          "receiver": [d["receiver"] for d in first],
                           "kept": [", ".join(d["kept"]) for d in first],
                           "refused": [", ".join(d["refused"]) or "none" for d in first],
+                          "repaired": [", ".join(d["repaired"]) or "none" for d in first],
                           "why": ["; ".join(f"{s}: {w}" for s, w in d["why"].items()) or "–" for d in first]})
     return (f"# Screening: {cfg.name}, liar {args.liar}, sharing {cfg.collab.share}, margin {args.margin:g} nats\n\n"
             f"{markdown_table(table)}\n\nEach honest receiver's decision on every pool it received "
             "(entities/screening.py): per class, the pointwise mutual information between a pool's labels and Φ's "
-            "φ2 on its items, against the median over the senders and the receiver's own images.\n")
+            "φ2 on its items, against the median over the senders and the receiver's own images; with repair, a "
+            "failing pool is kept relabelled (its labels a permutation of what φ2 sees) or without its failing "
+            "classes.\n")
 
 
 def checks(table: pd.DataFrame) -> list[str]:
     honest = table[table["lie"] == "honest"]
     lying = table[table["lie"] != "honest"]
-    cost = float(honest["loss, with check"].max())
-    worst = float(lying["loss, with check"].max()) if len(lying) else float("nan")
-    return [f"- the check's cost when everyone is honest, the largest over receivers: {cost:+.2f} points "
-            f"(target ≤ {TARGETS['cost of the check when honest']}): {'yes' if cost <= 0.3 else 'NO'}",
-            f"- the largest loss of an honest entity to a liar with the check: {worst:+.2f} points "
-            f"(target ≤ {TARGETS['loss with the check']}): {'yes' if worst <= 0.5 else 'NO'}; without the check: "
-            f"{float(lying['loss, no check'].max()):+.2f}"]
+    out, most_cost, most_loss = [], TARGETS["cost of the check when honest"], TARGETS["loss with the check"]
+    for check in (CHECK, REPAIR):
+        cost = float(honest[f"loss, {check}"].max())
+        worst = float(lying[f"loss, {check}"].max()) if len(lying) else float("nan")
+        out += [f"- {check}: its cost when everyone is honest, the largest over receivers: {cost:+.2f} points "
+                f"(target ≤ {most_cost}): {'yes' if cost <= most_cost else 'NO'}",
+                f"- {check}: the largest loss of an honest entity to a liar: {worst:+.2f} points "
+                f"(target ≤ {most_loss}): {'yes' if worst <= most_loss else 'NO'}"]
+    return out + [f"- {NO_CHECK}: the largest loss to a liar: {float(lying[f'loss, {NO_CHECK}'].max()):+.2f} points"]
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -161,16 +172,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for lie in LIES:
             for receiver in (n for n in names if n != args.liar):
                 pools = received(inputs, receiver, args.liar, lie, classes)
-                for check in (False, True):
-                    decision = screen(phi2, inputs.own[receiver], pools, args.margin) if check else None
-                    kept = decision.kept if decision else list(pools)
-                    used = tuple((s, lie.name if s == args.liar else "honest") for s in kept)
+                for check in CHECKS:
+                    decision = (screen(phi2, inputs.own[receiver], pools, args.margin, repair=check == REPAIR)
+                                if check != NO_CHECK else None)
+                    kept = decision.apply(pools) if decision else pools
+                    repaired = decision.repaired if decision else {}
+                    used = tuple((s, lie.name if s == args.liar else "honest")
+                                 + ((sorted(repaired[s].relabel.items()),) if s in repaired else ()) for s in kept)
                     for seed in seeds:
                         key = artefact_key({**common, "receiver": receiver, "pools used": used, "seed": seed})
-                        jobs.setdefault(key, (receiver, [pools[s] for s in kept], seed))
+                        jobs.setdefault(key, (receiver, list(kept.values()), seed))
                         decisions.append({"lie": lie.name, "check": check, "receiver": receiver, "seed": seed,
-                                          "kept": kept, "refused": sorted(decision.refused) if decision else [],
-                                          "why": decision.refused if decision else {}, "key": key})
+                                          "kept": list(kept), "refused": sorted(decision.refused) if decision else [],
+                                          "repaired": sorted(repaired), "why": decision.changed() if decision else {},
+                                          "key": key})
         if args.screen_only:
             text = screening_text(decisions, cfg, args)
             write_text(out_dir / "screening.md", text)
@@ -205,7 +220,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 f"mean ± sd over seeds {seeds}. Loss: against the honest collaboration without the check. With the "
                 f"check, a receiver refuses a sender's pool if, for some class, its labels agree with what Φ's φ2 "
                 f"sees in its items more than {args.margin:g} nats less than the median over the senders and the "
-                f"receiver's own images (entities/screening.py).\n\n"
+                f"receiver's own images (entities/screening.py); with repair it keeps such a pool relabelled, where "
+                f"the classes its items agree with most are a one-to-one map of its labels that then passes, else "
+                f"without the classes that fail.\n\n"
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / "dishonest.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv))

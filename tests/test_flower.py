@@ -582,14 +582,16 @@ def test_sigkill_during_a_flower_run_loses_nothing_and_the_rerun_completes(sim_r
 
 def test_receivers_that_screen_refuse_a_liars_pool_and_record_it(results):
     """E2 shifts every label of its pool; the others screen what they receive (policy screen-margin) and each
-    refuses E2's pool alone, recorded in run.json and in its metrics. Φ trains longer than the preset's two epochs:
-    a φ2 that calls every item one class cannot tell a true label from a false one (the check then keeps all)."""
-    screening = {k: {"screen-margin": 0.5} for k in range(4)}
+    refuses E2's pool alone, recorded in run.json and in its metrics; they also ask to repair what they can, and this
+    φ2 is too weak to trust any repair of it. Φ trains longer than the preset's two epochs: a φ2 that calls every
+    item one class cannot tell a true label from a false one (the check then keeps all)."""
+    screening = {k: {"screen-margin": 0.5, "screen-repair": True} for k in range(4)}
     out, _ = run_in_process(results, "liar", {1: "flip"}, settings=("pretrain.epochs=15",), policies=screening)
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed"
     assert {r: sorted(s) for r, s in run["pools_refused"].items()} == {"E1": ["E2"], "E2": [], "E3": ["E2"],
                                                                        "E4": ["E2"]}
-    assert all("agree with φ2" in why for r in run["pools_refused"].values() for why in r.values())
+    assert all(why.startswith("refused: ") and "agree with φ2" in why
+               for r in run["pools_refused"].values() for why in r.values())
     df = pd.read_csv(out / "summary.csv").set_index("entity")
     assert list(df.loc[["E1", "E3", "E4"], "pools_refused"]) == [1, 1, 1]

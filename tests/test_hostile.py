@@ -205,9 +205,11 @@ def test_default_policy_allows_dpm_only_and_refuses_raw():
 
 def test_policy_file_and_node_config_node_config_wins(tmp_path):
     file = tmp_path / "policy.toml"
-    file.write_text('allow-share = ["dpm", "mdp"]\ndisclosure-ceiling = 0.2\nprivate-store = "/srv/e1"\n')
+    file.write_text('allow-share = ["dpm", "mdp"]\ndisclosure-ceiling = 0.2\nprivate-store = "/srv/e1"\n'
+                    'screen-repair = true\n')
     policy = load_policy({"policy": str(file), "disclosure-ceiling": 0.1})
     assert policy.allow == ("dpm", "mdp") and policy.ceiling == 0.1 and policy.store_root() == Path("/srv/e1")
+    assert policy.screen_repair and not load_policy({"screen-repair": "false"}).screen_repair
     assert str(file) in policy.source and "node config disclosure-ceiling" in policy.source
 
 
@@ -217,6 +219,7 @@ def test_policy_file_and_node_config_node_config_wins(tmp_path):
     ({"allow-share": "dpm,everything"}, r"allow-share = 'dpm,everything' .*unknown sharing mode\(s\) \['everything'\]"),
     ({"attack-epochs": 0}, r"attack-epochs = 0 \(node config\): must be >= 1"),
     ({"attack-epochs": 2.5}, r"attack-epochs = 2\.5 \(node config\): expected an integer"),
+    ({"screen-repair": "yes"}, r"screen-repair = 'yes' \(node config\): expected true or false"),
     ({"policy": "/nonexistent/policy.toml"}, r"entity policy file /nonexistent/policy\.toml is unreadable"),
 ])
 def test_bad_policy_is_refused_naming_the_key(node_config, message):
