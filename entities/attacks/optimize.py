@@ -12,6 +12,8 @@ the substitute is close enough to the victim's DPM to invert through.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -35,16 +37,27 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def invert(model: nn.Module, features: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Images whose ``model`` output matches ``features``, searched from ``start`` (images in [0, 1])."""
+    return invert_path(model, features, start, (STEPS,))[STEPS]
+
+
+def invert_path(model: nn.Module, features: torch.Tensor, start: torch.Tensor, checkpoints: Sequence[int],
+                lr: float = LR) -> dict[int, torch.Tensor]:
+    """The search of :func:`invert` with the images after each of ``checkpoints`` steps (0: ``start``), to
+    measure how far the budget takes it (``benchmarks/optimize_budget.py``)."""
     rt = runtime.current()
     rt.module(model)
     freeze(model)
-    out = []
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in checkpoints}
     for i in range(0, len(features), BATCH):
         target = rt.tensor(features[i:i + BATCH]).float()
         power = target.pow(2).mean().clamp_min(1e-8)
         z = torch.logit(rt.tensor(start[i:i + BATCH]).float().clamp(1e-3, 1 - 1e-3)).requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=LR)
-        for _ in range(STEPS):
+        opt = torch.optim.Adam([z], lr=lr)
+        for step in range(max(checkpoints) + 1):
+            if step in out:
+                out[step].append(torch.sigmoid(z).detach().float().cpu().contiguous())
+            if step == max(checkpoints):
+                break
             x = torch.sigmoid(z)  # stays in [0, 1] without clipping the gradient
             with rt.autocast():
                 pred = model(x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x).float()
@@ -52,20 +65,24 @@ def invert(model: nn.Module, features: torch.Tensor, start: torch.Tensor) -> tor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out.append(torch.sigmoid(z).detach().float().cpu().contiguous())
-    return torch.cat(out)
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor:
+def search(know: Knowledge, target: Target) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """What the attacker inverts for ``target``: the map from images to shared items, the shared items, and the
+    search's start."""
     shown = target.features[target.rows]
     if uses_dpm(target.mode):
         g = substitute_map(know, target, substitute_tag(target))
         start = infer(substitute_decoder(know, target), shown)
-        model = nn.Sequential(know.shared.phi1, recipe(target.mode, g, know.seed))
-    else:  # the published map: the identity, or DeepObfuscator's obfuscator, which every party holds
-        start = infer(transfer_decoder(know, target.mode), shown)
-        model = nn.Sequential(know.shared.phi1, recipe(target.mode, None, know.seed, know.shared.obfuscator))
-    return invert(model, shown, start)
+        return nn.Sequential(know.shared.phi1, recipe(target.mode, g, know.seed)), shown, start
+    # the published map: the identity, or DeepObfuscator's obfuscator, which every party holds
+    start = infer(transfer_decoder(know, target.mode), shown)
+    return nn.Sequential(know.shared.phi1, recipe(target.mode, None, know.seed, know.shared.obfuscator)), shown, start
+
+
+def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor:
+    return invert(*search(know, target))
 
 
 def _attackers(cfg: Config) -> list[str]:
