@@ -67,7 +67,7 @@ def main() -> None:
             for steps, images in path.items():
                 s = score(images, victim.images, refs, cfg.attack.gallery, cfg.attack.seed)
                 rows.append({"victim": name, "mode": mode, "lr": lr, "steps": steps, "disclosure": s["disclosure"],
-                             "identification": s["identification"], "search seconds": seconds})
+                             "identification": s["identification"], "items": len(shown), "search seconds": seconds})
                 print(f"{name} {mode} lr {lr:g} steps {steps}: disclosure {s['disclosure']:.4f}, identified "
                       f"{s['identification']:.1%}", flush=True)
     df = pd.DataFrame(rows)
@@ -75,12 +75,14 @@ def main() -> None:
     table.columns = [f"{c} steps" for c in table.columns]
     ident = df.pivot_table(index=["victim", "mode", "lr"], columns="steps", values="identification").round(3)
     table = table.reset_index()
-    table["identification, first → last"] = [f"{a:.3f} → {b:.3f}" for a, b in
-                                             zip(ident.iloc[:, 0], ident.iloc[:, -1])]
+    table[f"identification, {ident.columns[0]} → {ident.columns[-1]} steps"] = [
+        f"{a:.3f} → {b:.3f}" for a, b in zip(ident.iloc[:, 0], ident.iloc[:, -1])]
     write_table(table, args.out, "optimize-budget",
                 f"The optimize attacker's disclosure against its step count ({cfg.name}, suite default "
                 f"{optimize.STEPS} steps at lr {optimize.LR:g})",
-                f"Disclosure SSIM of the {len(shown)} scored items of each victim after each number of Adam steps "
+                "Disclosure SSIM of each victim's scored items ("
+                + ", ".join(f"{v} {n}" for v, n in df.groupby("victim", sort=False)["items"].first().items())
+                + ") after each number of Adam steps "
                 f"(0: the start, the substitute decoder's reconstruction in the DPM modes, the transfer decoder's "
                 f"otherwise), scored as a suite cell; the attacker's models from {args.results_root}. Search time "
                 f"per target at {max(args.steps)} steps: "
