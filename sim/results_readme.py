@@ -51,6 +51,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("The attack suite as tasks: speed", "benchmark/attack-vs-bdf8fb6.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-vs-bdf8fb6-profile.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-speed.md"),
+    ("The attack suite as tasks: speed", "benchmark/optimize-budget.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-reading.md"),
     ("MDP: the paper's tables at CPU scale", "mdp/mdp/table1.md"),
     ("MDP: the paper's tables at CPU scale", "mdp/mdp/table2.md"),
