@@ -25,13 +25,14 @@ loses what they would have taught (at collab-scale, up to a point of top-1, more
 cost). With ``repair`` the receiver keeps what it can trust of a pool it would refuse. If the class that each
 claimed label's items agree with most (the largest mean pointwise mutual information) is a one-to-one map that
 moves some class, and every class of the pool relabelled by it is trusted, it learns from the relabelled pool:
-labels permuted, whether by a liar or by another class numbering. Otherwise, if fewer than half of its classes
-fail, it keeps the items of the trusted classes and leaves out the rest (a class relabelled as another fails in
-the class it was put in); a pool failing in more is refused whole, since a lie the check missed hides best in
-the classes a weak φ2 confuses (on collab-tiny a shifted pool of DPM features kept its class 3, all class 2). A
-pool caught lying is held to more than the check: a class is trusted if it passes the check and its labels
-clearly agree with φ2 (mean lift two standard errors above 0), since where φ2 is weak the median is low and a lie
-can pass it (on collab-tiny a shifted pool's classes 3 and 4 did). Classes with fewer than :data:`MIN_ITEMS`
+labels permuted, whether by a liar or by another class numbering. Otherwise, if more than half of its classes
+are trusted, it keeps the items of the trusted classes and leaves out the rest (a class relabelled as another
+fails in the class it was put in); any other pool is refused whole, since a lie the check missed hides best in
+the classes a weak φ2 confuses (on collab-tiny, shifted pools kept their class 3, all class 2, when only a
+majority of failing classes refused them). A pool caught lying is held to more than the check: a class is
+trusted if it passes the check and its labels clearly agree with φ2 (mean lift two standard errors above 0),
+since where φ2 is weak the median is low and a lie can pass it (on collab-tiny a shifted pool's classes 3 and 4
+did). Classes with fewer than :data:`MIN_ITEMS`
 items are left out of a repaired pool: too few to judge or map.
 """
 
@@ -138,8 +139,8 @@ def _trusted(by_cls: dict[int, tuple[float, float]], reference: dict[int, float]
 
 
 def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], margin: float) -> Repair | None:
-    """The pool relabelled, if every class of it is then trusted; else its trusted classes, if fewer than half of
-    its classes fail the check; else None."""
+    """The pool relabelled, if every class of it is then trusted; else its trusted classes, if they are more than
+    half of its classes; else None."""
     mapping = relabelling(lifts, labels)
     if mapping is not None:
         keep = np.isin(labels, list(mapping))
@@ -149,8 +150,8 @@ def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], 
             return Repair(mapping, f"labels relabelled ({moved}), which then agree with φ2")
     by_cls = by_class(lifts, labels)
     trusted = _trusted(by_cls, reference, margin)
-    if not trusted or 2 * len(_low(by_cls, reference, margin)) >= len(by_cls):
-        return None  # a pool that lies in half its classes or more is not trusted in the rest
+    if 2 * len(trusted) <= len(by_cls):
+        return None  # a pool caught lying is kept only where most of its classes clearly agree with φ2
     return Repair({c: c for c in sorted(trusted)},
                   f"only classes {', '.join(str(c) for c in sorted(trusted))} kept (the others disagree with φ2)")
 
