@@ -236,10 +236,14 @@ def test_address_auto_joins_a_running_cluster(grid, root):
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    current = Path("/tmp/ray/ray_current_cluster")  # what `--address auto` reads, written by `ray start`
     try:
         deadline = time.monotonic() + 180
+        # Up, and named in the address file: `ray status` can answer before `ray start` has written it, and a
+        # run started in between found no cluster (CI, once).
         while subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
-                             timeout=60).returncode != 0:
+                             timeout=60).returncode != 0 or not (
+                current.exists() and current.read_text().strip().endswith(f":{port}")):
             assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
             time.sleep(1)
         run = table5.main(["--rows", "4", "6", "--address", "auto", *settings(root, "decider.lr=0.02")])["dpm"]
@@ -256,7 +260,6 @@ def test_address_auto_joins_a_running_cluster(grid, root):
         head.wait(timeout=120)
         # `ray stop` would also forget the cluster; otherwise ray.init() without an address (Flower's simulation)
         # would try to join the dead one.
-        current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
     time.sleep(2)
