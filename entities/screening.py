@@ -32,8 +32,8 @@ the classes a weak φ2 confuses (on collab-tiny, shifted pools kept their class 
 majority of failing classes refused them). A pool caught lying is held to more than the check: a class is
 trusted if it passes the check and its labels clearly agree with φ2 (mean lift two standard errors above 0),
 since where φ2 is weak the median is low and a lie can pass it (on collab-tiny a shifted pool's classes 3 and 4
-did). Classes with fewer than :data:`MIN_ITEMS`
-items are left out of a repaired pool: too few to judge or map.
+did). Classes with fewer than :data:`MIN_ITEMS` items, or that no vote has (a relabelling's target nobody
+else sends), are left out of a repaired pool: too few to judge or map.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def _low(by_cls: dict[int, tuple[float, float]], reference: dict[int, float], ma
 def _trusted(by_cls: dict[int, tuple[float, float]], reference: dict[int, float], margin: float) -> set[int]:
     """The classes of a pool caught lying that it may keep: within the margin, and its labels clearly agreeing
     with φ2 (mean lift two standard errors above 0), not merely close to a reference a weak φ2 leaves low."""
-    return {c for c, (a, se) in by_cls.items() if a - 2 * se > 0} - set(_low(by_cls, reference, margin))
+    judged = {c: v for c, v in by_cls.items() if c in reference}
+    return {c for c, (a, se) in judged.items() if a - 2 * se > 0} - set(_low(judged, reference, margin))
 
 
 def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], margin: float) -> Repair | None:
