@@ -172,3 +172,15 @@ def test_the_defended_preset_is_the_frontiers_logits_point():
 
     point = next(p for p in POINTS if p.name == "logits bottleneck")
     assert load_config("collab-defended").dpm == point_config("collab", {}, point).dpm
+
+
+def test_augmdp_runs_in_mdps_task_after_it():
+    """AugMDP's sets start with MDP's: run as two tasks at once, both points crafted MDP's sets (the frontier on Ray
+    at collab-scale spent 16 MDP crafts twice). Where both run, AugMDP is one task with MDP, after it."""
+    from sim.frontier import POINTS, chains
+
+    named = {p.name: p for p in POINTS}
+    dpm, mdp, aug = named["paper DPM"], named["MDP"], named["AugMDP"]
+    assert chains([aug, dpm, mdp]) == [[dpm], [mdp, aug]]
+    assert chains([aug, dpm]) == [[dpm], [aug]]
+    assert sorted(p.name for c in chains(list(POINTS)) for p in c) == sorted(p.name for p in POINTS)
