@@ -9,7 +9,8 @@ the submitter's choosing), and its disclosure ceiling: the most SSIM between wha
 images that it accepts. It also says what the entity accepts: with ``screen-margin`` set, it keeps a
 sender's pool only if its labels agree with the shared decider about as often as the others' do
 (:mod:`entities.screening`), so a collaborator that lies in its labels is left out by each receiver; with
-``screen-repair`` it keeps what passes of such a pool (relabelled, or without the classes that fail).
+``screen-repair`` it keeps what passes of such a pool (relabelled, its failing classes split by φ2 between
+them and the classes it lacks, or without the classes that fail).
 A run whose decider is refined on several views of each image (``decider.views``) makes each entity share
 one poisoned item per view: ``max-views`` (default 1) is the most it accepts.
 
@@ -65,7 +66,8 @@ class EntityPolicy:
     # some class (entities/screening.py); None keeps every pool that passes the shape checks.
     screen_margin: float | None = None
     # With screening: keep what passes of a pool it would refuse, its labels relabelled where they are a permutation
-    # of what φ2 sees, else without the classes that fail (entities/screening.py).
+    # of what φ2 sees, else its failing classes split by φ2 between them and the classes it lacks, else without the
+    # classes that fail (entities/screening.py).
     screen_repair: bool = False
     # Sending: the most views of each image (itself and augmented copies, decider.views) it contributes on.
     # Each view is one more poisoned item of the same image, so more for an attacker to combine: 1 unless allowed.

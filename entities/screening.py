@@ -22,18 +22,28 @@ would have been without the check.
 
 A refused pool is a loss too: the liar's items were real, only its labels lied, and a receiver that drops them
 loses what they would have taught (at collab-scale, up to a point of top-1, more than the one-class lie itself
-cost). With ``repair`` the receiver keeps what it can trust of a pool it would refuse. If the class that each
-claimed label's items agree with most (the largest mean pointwise mutual information) is a one-to-one map that
-moves some class, and every class of the pool relabelled by it is trusted, it learns from the relabelled pool:
-labels permuted, whether by a liar or by another class numbering. Otherwise, if more than half of its classes
-are trusted, it keeps the items of the trusted classes and leaves out the rest (a class relabelled as another
-fails in the class it was put in); any other pool is refused whole, since a lie the check missed hides best in
-the classes a weak φ2 confuses (on collab-tiny, shifted pools kept their class 3, all class 2, when only a
-majority of failing classes refused them). A pool caught lying is held to more than the check: a class is
-trusted if it passes the check and its labels clearly agree with φ2 (mean lift two standard errors above 0),
-since where φ2 is weak the median is low and a lie can pass it (on collab-tiny a shifted pool's classes 3 and 4
-did). Classes with fewer than :data:`MIN_ITEMS` items, or that no vote has (a relabelling's target nobody
-else sends), are left out of a repaired pool: too few to judge or map.
+cost). With ``repair`` the receiver keeps what it can trust of a pool it would refuse, trying three repairs in turn:
+
+1. Relabel. If the class that each claimed label's items agree with most (the largest mean pointwise mutual
+   information) is a one-to-one map that moves some class, and every class of the pool relabelled by it is
+   trusted, it learns from the relabelled pool: labels permuted, whether by a liar or by another numbering.
+2. Split. If the pool lacks classes that the others send (a class relabelled as another leaves its own empty),
+   each item of a class that is not trusted gets the class, among its claimed one and the missing ones, that φ2
+   sees most in it; kept if every class so filled is then trusted. A class relabelled as another is one that
+   then holds two, and φ2 tells two classes apart far better than it names one of K (kept whole, class 0's items
+   would teach class 1; left out, as repair 3 does, they teach nothing: at collab-scale that cost an honest
+   receiver a point). The items so split carry φ2's own labels, not the sender's: the most a liar makes a
+   receiver learn there is what φ2 already says.
+3. Keep the trusted classes, if they are more than half of the judged ones, and leave out the rest. Any other
+   pool is refused whole, since a lie the check missed hides best in the classes a weak φ2 confuses (on
+   collab-tiny, shifted pools kept their class 3, all class 2, when only a majority of failing classes refused
+   them).
+
+A pool caught lying is held to more than the check: a class is trusted if it passes the check and its labels
+clearly agree with φ2 (mean lift two standard errors above 0), since where φ2 is weak the median is low and a lie
+can pass it (on collab-tiny a shifted pool's classes 3 and 4 did). Classes with fewer than :data:`MIN_ITEMS`
+items, or that no vote has (a relabelling's target nobody else sends), are left out of a repaired pool: too few
+to judge or map.
 """
 
 from __future__ import annotations
@@ -53,17 +63,21 @@ OWN = "own"  # the receiver's own images, one more reference vote
 
 @dataclass(frozen=True)
 class Repair:
-    """What a receiver kept of a pool it would refuse: ``relabel`` maps each claimed label it kept to the label it
-    learns (the identity where nothing was relabelled), ``why`` says what failed and what was done."""
+    """What a receiver kept of a pool it would refuse: ``labels`` per item of the pool, the label it learns for
+    that item (-1: left out); ``why`` says what failed and what was done."""
 
-    relabel: dict[int, int]
+    labels: np.ndarray
     why: str
 
     def apply(self, pool: Pool) -> Pool:
-        labels = np.asarray(pool.labels)
-        keep = np.isin(labels, list(self.relabel))
-        mapped = np.array([self.relabel[int(c)] for c in labels[keep]], dtype=labels.dtype)
-        return Pool(pool.data[torch.as_tensor(keep)], mapped)
+        keep = self.labels >= 0
+        return Pool(pool.data[torch.as_tensor(keep)], self.labels[keep])
+
+    def moves(self, claimed: np.ndarray) -> dict[int, dict[int, int]]:
+        """Per claimed label, how many of its items it learns under each label (left out: -1)."""
+        claimed = np.asarray(claimed)
+        return {int(c): {int(t): int(n) for t, n in zip(*np.unique(self.labels[claimed == c], return_counts=True))}
+                for c in np.unique(claimed)}
 
 
 @dataclass
@@ -78,9 +92,11 @@ class Screening:
     refused: dict[str, str] = field(default_factory=dict)
     repaired: dict[str, Repair] = field(default_factory=dict)
 
-    def record(self) -> dict:
+    def record(self, pools: dict[str, Pool] | None = None) -> dict:
+        """The decisions; with the ``pools`` screened, each repair's moves (claimed label → learned → items)."""
         return {"agreement": self.agreement, "reference": self.reference, "kept": self.kept, "refused": self.refused,
-                "repaired": {s: {"relabel": r.relabel, "why": r.why} for s, r in self.repaired.items()}}
+                "repaired": {s: {"why": r.why} | ({"moves": r.moves(pools[s].labels)} if pools else {})
+                             for s, r in self.repaired.items()}}
 
     def apply(self, pools: dict[str, Pool]) -> dict[str, Pool]:
         """The pools the receiver learns from: those kept, each repaired one as repaired."""
@@ -139,21 +155,49 @@ def _trusted(by_cls: dict[int, tuple[float, float]], reference: dict[int, float]
     return {c for c, (a, se) in judged.items() if a - 2 * se > 0} - set(_low(judged, reference, margin))
 
 
+def _mapped(mapping: dict[int, int], labels: np.ndarray) -> np.ndarray:
+    """Each item's label under ``mapping``; -1 where its claimed label is not mapped."""
+    return np.array([mapping.get(int(c), -1) for c in labels])
+
+
+def _split(lifts: np.ndarray, labels: np.ndarray, failing: set[int], trusted: set[int], missing: list[int]
+           ) -> np.ndarray:
+    """Each item of a ``failing`` class given the class, among its claimed one and the pool's ``missing``
+    classes, that it agrees with most; trusted classes kept as they are, every other item left out (-1)."""
+    out = np.where(np.isin(labels, list(trusted)), labels, -1)
+    for c in failing:
+        rows = np.flatnonzero(labels == c)
+        candidates = np.array([c, *missing])
+        out[rows] = candidates[lifts[np.ix_(rows, candidates)].argmax(1)]
+    return out
+
+
 def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], margin: float) -> Repair | None:
-    """The pool relabelled, if every class of it is then trusted; else its trusted classes, if they are more than
-    half of its classes; else None."""
+    """The pool relabelled class by class, if every class of it is then trusted; else its failing classes split
+    between themselves and the classes it lacks, if every class they then fill is trusted; else its trusted
+    classes, if they are more than half of its classes; else None."""
     mapping = relabelling(lifts, labels)
     if mapping is not None:
-        keep = np.isin(labels, list(mapping))
-        relabelled = np.array([mapping[int(c)] for c in labels[keep]])
-        if _trusted(by_class(lifts[keep], relabelled), reference, margin) == set(mapping.values()):
+        mended = _mapped(mapping, labels)
+        keep = mended >= 0
+        if _trusted(by_class(lifts[keep], mended[keep]), reference, margin) == set(mapping.values()):
             moved = ", ".join(f"{c}→{t}" for c, t in mapping.items() if c != t)
-            return Repair(mapping, f"labels relabelled ({moved}), which then agree with φ2")
+            return Repair(mended, f"labels relabelled ({moved}), which then agree with φ2")
     by_cls = by_class(lifts, labels)
     trusted = _trusted(by_cls, reference, margin)
+    missing = sorted(set(reference) - set(by_cls))
+    failing = set(by_cls) - trusted
+    if missing and failing:
+        split = _split(lifts, labels, failing, trusted, missing)
+        filled = set(np.unique(split[split >= 0]).tolist()) - trusted
+        judged = by_class(lifts[split >= 0], split[split >= 0])
+        if filled and filled <= set(judged) and filled <= _trusted(judged, reference, margin):
+            names = ", ".join(str(c) for c in sorted(failing))
+            return Repair(split, f"the items of class(es) {names} split by φ2 between their label and the missing "
+                                 f"class(es) {', '.join(str(c) for c in missing)}, which then agree with φ2")
     if 2 * len(trusted) <= len(by_cls):
         return None  # a pool caught lying is kept only where most of its classes clearly agree with φ2
-    return Repair({c: c for c in sorted(trusted)},
+    return Repair(np.where(np.isin(labels, list(trusted)), labels, -1),
                   f"only classes {', '.join(str(c) for c in sorted(trusted))} kept (the others disagree with φ2)")
 
 
@@ -179,5 +223,5 @@ def screen(phi2: nn.Module, own: Pool, pools: dict[str, Pool], margin: float, re
             out.refused[sender] = why
         else:
             out.kept.append(sender)
-            out.repaired[sender] = Repair(fixed.relabel, f"{fixed.why}; {why}")
+            out.repaired[sender] = Repair(fixed.labels, f"{fixed.why}; {why}")
     return out

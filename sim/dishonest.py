@@ -7,9 +7,10 @@ Every honest entity refines Φ's φ2 on its own φ1 features and every other ent
 Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's
 rows); the honest entities keep every pool, or screen each sender's pool, keeping it only if its labels
 agree with what Φ's φ2 sees in its items about as well as the others' do, or screen and repair: keep a failing
-pool relabelled, where its labels are a permutation of what φ2 sees, else without its failing classes
-(:mod:`entities.screening`, run here: it only reads the pools). Each receiver's refinement on the pools it
-kept is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
+pool relabelled, where its labels are a permutation of what φ2 sees, else with the items of its failing classes
+split by φ2 between their label and the classes it lacks, else without its failing classes
+(:mod:`entities.screening`, run here: it only reads the pools). Each receiver's refinement on the pools it kept
+is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
 share it), so a rerun resumes. Output:
 ``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv``.
 """
@@ -119,8 +120,8 @@ def screening_text(decisions: list[dict], cfg: Config, args) -> str:
             f"{markdown_table(table)}\n\nEach honest receiver's decision on every pool it received "
             "(entities/screening.py): per class, the pointwise mutual information between a pool's labels and Φ's "
             "φ2 on its items, against the median over the senders and the receiver's own images; with repair, a "
-            "failing pool is kept relabelled (its labels a permutation of what φ2 sees) or without its failing "
-            "classes.\n")
+            "failing pool is kept relabelled (its labels a permutation of what φ2 sees), with the items of its failing "
+            "classes split by φ2 between their label and the classes it lacks, or without its failing classes.\n")
 
 
 def checks(table: pd.DataFrame) -> list[str]:
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     kept = decision.apply(pools) if decision else pools
                     repaired = decision.repaired if decision else {}
                     used = tuple((s, lie.name if s == args.liar else "honest")
-                                 + ((sorted(repaired[s].relabel.items()),) if s in repaired else ()) for s in kept)
+                                 + ((repaired[s].labels.tolist(),) if s in repaired else ()) for s in kept)
                     for seed in seeds:
                         key = artefact_key({**common, "receiver": receiver, "pools used": used, "seed": seed})
                         jobs.setdefault(key, (receiver, list(kept.values()), seed))
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 f"sees in its items more than {args.margin:g} nats less than the median over the senders and the "
                 f"receiver's own images (entities/screening.py); with repair it keeps such a pool relabelled, where "
                 f"the classes its items agree with most are a one-to-one map of its labels that then passes, else "
-                f"without the classes that fail.\n\n"
+                f"with the items of its failing classes split by φ2 between their label and the classes the pool "
+                f"lacks, if every class so filled then passes, else without the classes that fail.\n\n"
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / "dishonest.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv))

@@ -175,17 +175,18 @@ def test_the_receiver_check_refuses_lying_pools_and_keeps_honest_ones(tmp_path):
     # here, both lies).
     repaired = screen(shared.phi2, own, shifted, MARGIN, repair=True)
     if "E2" in repaired.repaired:
-        rows = np.isin(shifted["E2"].labels, list(repaired.repaired["E2"].relabel))
+        rows = repaired.repaired["E2"].labels >= 0
         assert np.array_equal(repaired.apply(shifted)["E2"].labels, y[rows]), repaired.record()
     else:
         assert list(repaired.refused) == ["E2"], repaired.record()
 
 
-def test_repair_mends_a_permuted_pool_and_keeps_only_the_true_classes_of_another_lie():
+def test_repair_mends_a_permuted_pool_splits_a_merged_class_and_keeps_only_the_true_classes_of_another_lie():
     """Repair on pools whose "features" are φ2's logits (φ2 the identity): a clear φ2 (logits 3 on the true
-    class, unit noise) maps a shifted pool back to exactly its true labels and keeps, of a pool with class 0
-    relabelled as 1, classes 2 and 3 only; honest pools are untouched; a φ2 that barely sees the classes
-    repairs nothing."""
+    class, unit noise) maps a shifted pool back to exactly its true labels; splits a pool with class 0 relabelled as
+    1 between classes 0 and 1, mending nearly every item; keeps, of a pool with half of class 0 relabelled as 1 (no
+    class missing to split into), classes 0, 2 and 3 only; honest pools are untouched; a φ2 that barely sees the
+    classes repairs nothing."""
     rng = np.random.default_rng(0)
     k, n = 4, 120
     truth = {s: rng.integers(0, k, n) for s in ("E1", "E2", "E3", "E4")}
@@ -193,25 +194,32 @@ def test_repair_mends_a_permuted_pool_and_keeps_only_the_true_classes_of_another
     def pools(signal: float, lie=None) -> dict[str, Pool]:
         out = {s: Pool(torch.as_tensor(signal * np.eye(k)[y] + rng.normal(size=(n, k)), dtype=torch.float32),
                        y if s != "E2" or lie is None else lie(y)) for s, y in truth.items()}
-        return out
+        return {s: p for s, p in out.items() if s != "E4"} if lie else out
 
     phi2 = torch.nn.Identity()
     honest = pools(3.0)
     own = honest.pop("E4")
     assert not screen(phi2, own, honest, MARGIN, repair=True).changed()
     shifted = pools(3.0, lambda y: (y + 1) % k)
-    shifted.pop("E4")
     decision = screen(phi2, own, shifted, MARGIN, repair=True)
-    assert decision.repaired["E2"].relabel == {c: (c - 1) % k for c in range(k)} and not decision.refused
+    assert not decision.refused and decision.repaired["E2"].moves(shifted["E2"].labels) == {
+        c: {(c - 1) % k: int((shifted["E2"].labels == c).sum())} for c in range(k)}
     mended = decision.apply(shifted)
     assert np.array_equal(mended["E2"].labels, truth["E2"]) and mended["E1"] is shifted["E1"]
-    one_class = pools(3.0, lambda y: np.where(y == 0, 1, y))
-    one_class.pop("E4")
-    decision = screen(phi2, own, one_class, MARGIN, repair=True)
-    assert decision.repaired["E2"].relabel == {2: 2, 3: 3}, decision.record()
-    assert np.array_equal(decision.apply(one_class)["E2"].labels, truth["E2"][truth["E2"] >= 2])
+
+    merged = pools(3.0, lambda y: np.where(y == 0, 1, y))
+    decision = screen(phi2, own, merged, MARGIN, repair=True)
+    assert "split" in decision.repaired["E2"].why, decision.record()
+    split = decision.apply(merged)["E2"].labels
+    assert len(split) == n and (split == truth["E2"]).mean() > 0.95, decision.record(merged)
+
+    half = np.flatnonzero(truth["E2"] == 0)[::2]
+    partial = pools(3.0, lambda y: np.where(np.isin(np.arange(n), half), 1, y))
+    decision = screen(phi2, own, partial, MARGIN, repair=True)
+    kept = decision.apply(partial)["E2"].labels
+    assert set(kept.tolist()) == {0, 2, 3}, decision.record(partial)
+    assert np.array_equal(kept, truth["E2"][(partial["E2"].labels != 1)]), decision.record(partial)
     weak = pools(0.05, lambda y: (y + 1) % k)
-    weak.pop("E4")
     assert not screen(phi2, own, weak, MARGIN, repair=True).repaired
 
 
