@@ -77,7 +77,6 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Utility against the label-only floors", "utility/regime/regime.md"),
     ("Utility against the label-only floors", "table5/collab-scale/table5.md"),
     ("Utility against the label-only floors", "table5/collab-scale-floors/sharing.md"),
-    ("Utility against the label-only floors", "attack/collab-scale-seeds3/frontier-excess.md"),
     ("Utility against the label-only floors", "attack/collab-scale/frontier-excess.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/dishonest.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/screening.md"),
