@@ -117,19 +117,26 @@ def shared_in(cfg: Config, point: Point) -> Config:
     return replace(cfg, collab=replace(cfg.collab, share=share))
 
 
-def privacy(cfg: Config, point: Point, store: CellStore, families: list[str]) -> dict:
-    """The worst case over the suite per victim, and ψ's figure (a lower bound) beside it."""
-    run = run_suite(cfg, families, [point.mode], store)
-    cells = pd.DataFrame(run.records)
-    worst = worst_cases(cells)
-    out: dict = {}
-    for w in worst.to_dict("records"):
-        v = w["victim"]
-        out |= {f"{v} disclosure": w["disclosure"], f"{v} by": w["attacker"],
-                f"{v} identification": w["identification"], f"{v} identified by": w["identification attacker"]}
-        for attacker, column in (("psi", "ψ"), ("prior", "prior")):
-            hit = cells[(cells["victim"] == v) & (cells["attacker"] == attacker) & (cells["status"] == "ok")]
-            out[f"{v} {column}"] = float(hit["disclosure"].iloc[0]) if len(hit) else np.nan
+def privacy(cfg: Config, point: Point, store: CellStore, families: list[str], attack_seeds: int = 1) -> dict:
+    """The worst case over the suite per victim, and ψ's figure (a lower bound) beside it, from the attacker
+    with ``attack.seed``; with ``attack_seeds`` > 1, each victim's worst case also at the attacker's seeds
+    ``attack.seed + 1, ...`` (its models' weights, the pairs they train on, the items it attacks), for the spread."""
+    out: dict = {"attack seeds": attack_seeds}
+    for i in range(attack_seeds):
+        seed = cfg.attack.seed + i
+        run = run_suite(replace(cfg, attack=replace(cfg.attack, seed=seed)), families, [point.mode], store)
+        cells = pd.DataFrame(run.records)
+        for w in worst_cases(cells).to_dict("records"):
+            v = w["victim"]
+            out |= {f"{v} disclosure attack seed {seed}": w["disclosure"],
+                    f"{v} identification attack seed {seed}": w["identification"]}
+            if i:
+                continue
+            out |= {f"{v} disclosure": w["disclosure"], f"{v} by": w["attacker"],
+                    f"{v} identification": w["identification"], f"{v} identified by": w["identification attacker"]}
+            for attacker, column in (("psi", "ψ"), ("prior", "prior")):
+                hit = cells[(cells["victim"] == v) & (cells["attacker"] == attacker) & (cells["status"] == "ok")]
+                out[f"{v} {column}"] = float(hit["disclosure"].iloc[0]) if len(hit) else np.nan
     return out
 
 
@@ -217,13 +224,13 @@ def utility(cfg: Config, point: Point, rows: RowStore, seeds: int = 1) -> dict:
 
 
 def measure(preset: str, overrides: dict[str, str], point: Point, store: CellStore, rows: RowStore,
-            families: list[str], seeds: int = 1) -> dict:
+            families: list[str], seeds: int = 1, attack_seeds: int = 1) -> dict:
     t0 = time.time()
     cfg = point_config(preset, overrides, point)
     runtime.configure(cfg)
     line = {"point": point.name, "mode": point.mode, "reference": point.reference,
             "settings": " ".join(f"{k}={v}" for k, v in point.settings.items())}
-    line |= privacy(cfg, point, store, families)
+    line |= privacy(cfg, point, store, families, attack_seeds)
     line |= utility(shared_in(cfg, point), point, rows, seeds)
     line["seconds"] = time.time() - t0
     log.info("frontier point %s: %s (%.0fs)", point.name,
@@ -232,9 +239,9 @@ def measure(preset: str, overrides: dict[str, str], point: Point, store: CellSto
 
 
 def measure_chain(preset: str, overrides: dict[str, str], points: list[Point], store: CellStore, rows: RowStore,
-                  families: list[str], seeds: int = 1) -> list[dict]:
+                  families: list[str], seeds: int = 1, attack_seeds: int = 1) -> list[dict]:
     """:func:`measure` of each point in turn, in one task."""
-    return [measure(preset, overrides, p, store, rows, families, seeds) for p in points]
+    return [measure(preset, overrides, p, store, rows, families, seeds, attack_seeds) for p in points]
 
 
 def chains(points: list[Point]) -> list[list[Point]]:
@@ -323,14 +330,31 @@ def retained_by_seed(table: pd.DataFrame, row: str) -> pd.DataFrame:
     return out
 
 
+def by_attack_seed(table: pd.DataFrame, victim: str, what: str) -> pd.DataFrame:
+    """Per point, ``victim``'s worst-case ``what`` (disclosure, identification) at each attacker seed measured;
+    a table written before attacker seeds were columns has its one figure."""
+    columns = [c for c in table.columns if c.startswith(f"{victim} {what} attack seed ")]
+    return table[columns or [f"{victim} {what}"]]
+
+
 def excess(table: pd.DataFrame, victims: list[str]) -> pd.DataFrame:
     """The frontier in excess terms: per victim the worst case over the suite minus the prior floor and the
-    identification rate; per row, the utility retained (mean and sd over seeds) and the floor beside it."""
+    identification rate, each the mean over the attacker's seeds with its sd; per row, the utility retained (mean
+    and sd over seeds) and the floor beside it."""
     out = pd.DataFrame({"point": table["point"]})
+
+    def spread(values: pd.DataFrame) -> np.ndarray:
+        return values.std(axis=1, ddof=1).to_numpy() if values.shape[1] > 1 else np.full(len(values), np.nan)
+
     for v in victims:
-        out[f"{v} excess disclosure"] = [excess_disclosure(w, p) for w, p in zip(table[f"{v} disclosure"],
-                                                                                  table[f"{v} prior"])]
-        out[f"{v} identification"] = table[f"{v} identification"].to_numpy()
+        disclosed = by_attack_seed(table, v, "disclosure")
+        prior = table[f"{v} prior"].to_numpy()
+        over = pd.DataFrame({c: [excess_disclosure(w, p) for w, p in zip(disclosed[c], prior)] for c in disclosed})
+        identified = by_attack_seed(table, v, "identification")
+        out[f"{v} excess disclosure"] = over.mean(axis=1).to_numpy()
+        out[f"{v} excess sd"] = spread(over)
+        out[f"{v} identification"] = identified.mean(axis=1).to_numpy()
+        out[f"{v} identification sd"] = spread(identified)
     for row, entity in RETAINED_ROWS.items():
         per_seed = retained_by_seed(table, row)
         out[f"{entity} retained (row {row})"] = per_seed.mean(axis=1).to_numpy()
@@ -361,10 +385,10 @@ def plot_excess(ex: pd.DataFrame, points: pd.DataFrame, path: Path) -> None:
     ref = points["reference"].astype(bool).to_numpy()
     for ax, (row, entity) in zip(axes, RETAINED_ROWS.items()):
         x, y = ex[f"{entity} excess disclosure"], ex[f"{entity} retained (row {row})"] * 100
-        err = ex[f"{entity} retained sd"].fillna(0) * 100
+        err, xerr = ex[f"{entity} retained sd"].fillna(0) * 100, ex[f"{entity} excess sd"].fillna(0)
         for mask, style in ((ref, {"marker": "s", "color": "grey", "label": "references"}),
                             (~ref, {"marker": "o", "color": "tab:red", "label": "defences"})):
-            ax.errorbar(x[mask], y[mask], yerr=err[mask], ls="none", capsize=2, **style)
+            ax.errorbar(x[mask], y[mask], yerr=err[mask], xerr=xerr[mask], ls="none", capsize=2, **style)
         for name, xi, yi in zip(ex["point"], x, y):
             if np.isfinite(xi) and np.isfinite(yi):
                 ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -389,13 +413,15 @@ def write_excess(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: 
     write_text(run_dir / "frontier-excess.csv", ex.to_csv(index=False))
     plot_excess(ex, table, run_dir / "frontier-excess.png")
 
-    def pm(m: float, sd: float) -> str:
-        return "n/a" if not np.isfinite(m) else f"{m:.0%}" + (f" ± {sd:.0%}" if np.isfinite(sd) else "")
+    def pm(m: float, sd: float, form: str = ".0%") -> str:
+        spread = f" ± {sd:{form.lstrip('+')}}" if np.isfinite(sd) else ""
+        return "n/a" if not np.isfinite(m) else f"{m:{form}}{spread}"
 
     shown = pd.DataFrame({
         "point": ex["point"],
-        **{f"{v} excess · identification": [f"{e:+.3f} · {i:.0%}" for e, i in
-                                             zip(ex[f"{v} excess disclosure"], ex[f"{v} identification"])]
+        **{f"{v} excess · identification": [f"{pm(e, esd, '+.3f')} · {pm(i, isd)}" for e, esd, i, isd in
+                                             zip(ex[f"{v} excess disclosure"], ex[f"{v} excess sd"],
+                                                 ex[f"{v} identification"], ex[f"{v} identification sd"])]
            for v in victims},
         **{f"{e} retained (row {row})": [pm(m, sd) for m, sd in zip(ex[f"{e} retained (row {row})"],
                                                                      ex[f"{e} retained sd"])]
@@ -403,14 +429,18 @@ def write_excess(table: pd.DataFrame, cfg: Config, victims: list[str], run_dir: 
         **{f"row {row}": ex[f"row {row}"].round(2) for row in RETAINED_ROWS},
     })
     seeds = int(table["seeds"].max()) if "seeds" in table else 1
+    attack_seeds = int(table["attack seeds"].max()) if "attack seeds" in table else 1
+    attackers = (f"mean ± sd over the attacker's {attack_seeds} seeds (attack.seed and the next; the pools are "
+                 "the first seed's)" if attack_seeds > 1 else "one attacker seed, on the first seed's pools")
     priors = ", ".join(f"{v} {table[f'{v} prior'].max():.3f}" for v in victims)
     text = (f"# The frontier in excess terms: {cfg.name}\n\n{markdown_table(shown)}\n\n"
             f"Excess disclosure: the worst case over the attack suite minus the `prior` attacker's figure (the mean "
             f"image of each item's label: {priors}), so 0 is a pool that shows no more than its label. "
-            "Identification: the worst case over the suite (chance 1%). Retained: (row(point) − row(floor)) / "
-            "(row(clean φ1) − row(floor)) for Table 5's row 7 (E1 on E2's pool) and row 12 (E4 on E1-E3's pools), "
+            f"Identification: the worst case over the suite (chance 1%). Both: {attackers}. Retained: "
+            "(row(point) − row(floor)) / (row(clean φ1) − row(floor)) for Table 5's row 7 (E1 on E2's pool) and "
+            "row 12 (E4 on E1-E3's pools), "
             f"floor the better of the two label-only points, per seed, then mean ± sd over {seeds} seed(s) (each row "
-            "retrained with Table 5's seed; the pools and the attacks are the first seed's). Rows: mean top-1.\n\n"
+            "retrained with Table 5's seed on the first seed's pools). Rows: mean top-1.\n\n"
             "![frontier in excess terms](frontier-excess.png)\n\n"
             "Target (excess ≤ 0.02, identification ≤ 5%, retained ≥ 75% for E1 and E4), per defence:\n\n"
             + "\n".join(excess_checks(ex, victims, table)) + f"\n\nCommand: `{command}`.\n")
@@ -467,6 +497,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
     parser.add_argument("--seeds", type=int, default=1, help="Table 5's rows at seeds data.seed, data.seed+1, ...")
+    parser.add_argument("--attack-seeds", type=int, default=1,
+                        help="the attack suite at the attacker's seeds attack.seed, attack.seed+1, ...: excess "
+                             "disclosure and identification as mean ± sd over them")
     add_executor_args(parser, "point")
     add_config_args(parser)
     parser.set_defaults(config="collab")
@@ -488,7 +521,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     tasks = chains(chosen)
     with executor_from_args(args, base.threads) as executor:  # each chain of points a task (Ray, or --sequential)
         lines = run_all(executor, [(f"point {', '.join(p.name for p in c)}", measure_chain,
-                                    (args.config, overrides, c, store, rows, families, args.seeds)) for c in tasks])
+                                    (args.config, overrides, c, store, rows, families, args.seeds, args.attack_seeds))
+                                   for c in tasks])
     by_name = {line["point"]: line for chain in lines for line in chain}
     table = pd.DataFrame([by_name[p.name] for p in chosen])
     prog, *given = command_line("python -m sim.attack frontier", argv)

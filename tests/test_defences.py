@@ -151,7 +151,7 @@ def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
     root = world[5]
     table = attack.main(["frontier", "--sequential", "--config", "attack-tiny", "--points", "paper DPM",
                          "spatial bottleneck", "raw images", "--attacks", "image", "prior", "psi", "decoder",
-                         "transfer",
+                         "transfer", "--attack-seeds", "2",
                          "--results-root", str(root), "--set", "threads=2", *(f"{k}={v}" for k, v in DATA.items())])
     run_dir = root / "attack" / "attack-tiny"
     stored = pd.read_csv(run_dir / "frontier.csv")
@@ -164,6 +164,12 @@ def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
         assert line["E1 disclosure"] >= line["E1 ψ"]  # the worst case includes ψ
     text = (run_dir / "frontier.md").read_text()
     assert "spatial bottleneck" in text and "lower bound" in text and (run_dir / "frontier.png").is_file()
+    # the attacks again with the attacker's next seed: the excess is the mean of both, with their spread
+    seeds = [stored[f"E4 disclosure attack seed {s}"] for s in (1, 2)]
+    assert (seeds[0] == stored["E4 disclosure"]).all() and (seeds[0] != seeds[1]).any()
+    ex = pd.read_csv(run_dir / "frontier-excess.csv")
+    assert np.allclose(ex["E4 excess disclosure"], (seeds[0] + seeds[1]) / 2 - stored["E4 prior"])
+    assert "mean ± sd over the attacker's 2 seeds" in (run_dir / "frontier-excess.md").read_text()
 
 
 def test_the_defended_preset_is_the_frontiers_logits_point():

@@ -115,6 +115,23 @@ def test_utility_retained_against_a_hand_computation():
     assert excess_disclosure(0.170, 0.152) == pytest.approx(0.018)
 
 
+def test_frontier_excess_is_the_mean_over_attacker_seeds_with_its_spread():
+    """Excess disclosure and identification per point: the mean over the attacker's seeds and their sd; a
+    frontier of one attacker seed has its one figure and no spread."""
+    from sim.frontier import excess
+
+    table = pd.DataFrame({"point": ["a"], "E1 prior": [0.15], "E1 disclosure": [0.20], "E1 identification": [0.1],
+                          "E1 disclosure attack seed 1": [0.20], "E1 disclosure attack seed 2": [0.24],
+                          "E1 identification attack seed 1": [0.1], "E1 identification attack seed 2": [0.3],
+                          "row 7": [58.0], "row 12": [55.0], "row 7 seed 0": [58.0], "row 12 seed 0": [55.0]})
+    ex = excess(table, ["E1"]).iloc[0]
+    assert ex["E1 excess disclosure"] == pytest.approx(0.07) and ex["E1 identification"] == pytest.approx(0.2)
+    assert ex["E1 excess sd"] == pytest.approx(np.std([0.05, 0.09], ddof=1))
+    assert ex["E1 identification sd"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    one = excess(table.drop(columns=[c for c in table if "attack seed" in c]), ["E1"]).iloc[0]
+    assert one["E1 excess disclosure"] == pytest.approx(0.05) and np.isnan(one["E1 excess sd"])
+
+
 def test_table5_sharing_table_says_what_each_mode_retains_over_the_better_floor(tmp_path):
     """sharing.md's retained columns: row 7 against row 6, row 12 against all4, both over the better floor."""
     from sim.table5 import sharing_table
