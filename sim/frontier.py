@@ -1,7 +1,8 @@
 """The privacy-utility frontier: every sharing mode and defence setting, its worst case over the whole
 attack suite against what it costs the collaboration.
 
-    python -m sim.attack frontier [--config collab] [--points NAME ...] [--run-name NAME] [--set threads=1 ...]
+    python -m sim.attack frontier [--config collab] [--points NAME ...] [--seeds 3] [--attack-seeds 3] [--plan]
+                                  [--run-name NAME] [--set threads=1 ...]
 
 A point is a sharing mode with the settings of one defence (:data:`POINTS`, data like Table 5's
 rows): the paper's DPM, Table 3's perturbations in front of it, MDP, AugMDP, raw images and clean φ1
@@ -25,7 +26,9 @@ this frontier, not on ψ alone.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import shlex
 import time
 from dataclasses import dataclass, field, replace
@@ -40,7 +43,7 @@ from entities import runtime
 from entities.attacks import ATTACKS
 from entities.attacks.base import CLEAN, FEATURE_MODES, OBFUSCATOR, PERTURBED, attack_mode_name, recipe, uses_dpm
 from entities.attacks.card import CellStore, worst_cases
-from entities.attacks.suite import check_parties, entity_seed, run_suite
+from entities.attacks.suite import check_parties, entity_seed, plan_cells, run_suite
 from entities.config import Config, parse_overrides
 from entities.entity import Entity, Pool
 from entities.files import write_bytes, write_text
@@ -255,6 +258,44 @@ def chains(points: list[Point]) -> list[list[Point]]:
         else:
             host.append(p)
     return out
+
+
+def plan(preset: str, overrides: dict[str, str], points: list[Point], store: CellStore, rows: RowStore,
+         families: list[str], seeds: int, attack_seeds: int, slots: int, results_dir: Path) -> pd.DataFrame:
+    """Per point, its attack cells (at every attacker seed) and its Table 5 rows (at every seed), how many of
+    each are stored, and the time the missing ones should take from the mean seconds of those stored (a DPM
+    trained or an MDP set crafted for the first time is not in it); computes nothing."""
+    from sim.attack import cell_seconds  # the frontier is a subcommand of sim.attack, which imports it lazily
+
+    means = cell_seconds(results_dir)
+    stored_rows = [json.loads(f.read_text()).get("seconds", np.nan) for f in rows.dir.glob("row*.json")]
+    row_seconds = float(np.nanmean(stored_rows)) if stored_rows else 0.0
+    lines = []
+    for point in points:
+        cfg = point_config(preset, overrides, point)
+        cells = [c for i in range(attack_seeds)
+                 for c in plan_cells(replace(cfg, attack=replace(cfg.attack, seed=cfg.attack.seed + i)), families,
+                                     [point.mode])]
+        missing = [c for c in cells if store.get(c.key) is None]
+        rcfg = shared_in(cfg, point)
+        todo = [f"{r.id}@{s}" for s in range(rcfg.data.seed, rcfg.data.seed + seeds) for r in ROWS
+                if r.id in FRONTIER_ROWS and rows.get(r, s, row_key(r, s, rcfg, f"frontier:{point.mode}")) is None]
+        lines.append({"point": point.name, "cells": len(cells), "cells to run": len(missing),
+                      "rows": seeds * len(FRONTIER_ROWS), "rows to run": len(todo), "rows missing": " ".join(todo),
+                      "seconds": float(np.nansum([means.get(c.attacker, np.nan) for c in missing]))
+                      + len(todo) * row_seconds})
+        ln = lines[-1]
+        state = "stored" if not missing and not todo else "to run"
+        print(f"{state:<7} {point.name:<26} cells {len(cells) - len(missing)}/{len(cells)} stored, rows "
+              f"{ln['rows'] - len(todo)}/{ln['rows']} stored" + (f" (missing row@seed {ln['rows missing']})"
+                                                                  if todo else ""))
+    table = pd.DataFrame(lines)
+    work = float(table["seconds"].sum())
+    print(f"{len(table)} points: {int((table['seconds'] == 0).sum())} with nothing to run; "
+          f"{int(table['cells to run'].sum())} cells and {int(table['rows to run'].sum())} rows to run, about "
+          f"{work / 60:.0f} min of work, {work / 60 / slots:.0f} min on {slots} task slot(s), from the mean seconds "
+          "of the cells and rows stored under this results root", flush=True)
+    return table
 
 
 def worst_over(table: pd.DataFrame, victims: list[str], what: str) -> pd.Series:
@@ -497,6 +538,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--attacks", nargs="+", default=None, metavar="FAMILY",
                         help=f"attacker families (default all: the worst case is over them): {', '.join(ATTACKS)}")
     parser.add_argument("--seeds", type=int, default=1, help="Table 5's rows at seeds data.seed, data.seed+1, ...")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each point's stored and missing cells and rows, and a time estimate; run nothing")
     parser.add_argument("--attack-seeds", type=int, default=1,
                         help="the attack suite at the attacker's seeds attack.seed, attack.seed+1, ...: excess "
                              "disclosure and identification as mean ± sd over them")
@@ -518,6 +561,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir.mkdir(parents=True, exist_ok=True)
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
+    if args.plan:
+        slots = 1 if args.sequential else max(1, (args.num_cpus or os.cpu_count() or 1) // args.cpus_per_task)
+        return plan(args.config, overrides, chosen, store, rows, families, args.seeds, args.attack_seeds, slots,
+                    base.results_dir())
     tasks = chains(chosen)
     with executor_from_args(args, base.threads) as executor:  # each chain of points a task (Ray, or --sequential)
         lines = run_all(executor, [(f"point {', '.join(p.name for p in c)}", measure_chain,

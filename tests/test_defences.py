@@ -149,10 +149,10 @@ def test_bottlenecks_deny_the_own_pairs_attacker_that_inverts_the_papers_dpm(wor
 
 def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
     root = world[5]
-    table = attack.main(["frontier", "--sequential", "--config", "attack-tiny", "--points", "paper DPM",
-                         "spatial bottleneck", "raw images", "--attacks", "image", "prior", "psi", "decoder",
-                         "transfer", "--attack-seeds", "2",
-                         "--results-root", str(root), "--set", "threads=2", *(f"{k}={v}" for k, v in DATA.items())])
+    args = ["frontier", "--sequential", "--config", "attack-tiny", "--points", "paper DPM", "spatial bottleneck",
+            "raw images", "--attacks", "image", "prior", "psi", "decoder", "transfer", "--results-root", str(root),
+            "--set", "threads=2", *(f"{k}={v}" for k, v in DATA.items())]
+    table = attack.main([*args, "--attack-seeds", "2"])
     run_dir = root / "attack" / "attack-tiny"
     stored = pd.read_csv(run_dir / "frontier.csv")
     assert list(stored["point"]) == ["paper DPM", "raw images", "spatial bottleneck"]
@@ -170,6 +170,12 @@ def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
     ex = pd.read_csv(run_dir / "frontier-excess.csv")
     assert np.allclose(ex["E4 excess disclosure"], (seeds[0] + seeds[1]) / 2 - stored["E4 prior"])
     assert "mean ± sd over the attacker's 2 seeds" in (run_dir / "frontier-excess.md").read_text()
+    # --plan: everything this run stored is stored; a third attacker seed's cells and a second seed's rows are not
+    planned = attack.main([*args, "--plan", "--attack-seeds", "2"]).set_index("point")
+    assert (planned["cells to run"] == 0).all() and (planned["rows to run"] == 0).all(), planned
+    more = attack.main([*args, "--plan", "--attack-seeds", "3", "--seeds", "2"]).set_index("point")
+    assert (more["cells to run"] * 3 == more["cells"]).all() and (more["rows to run"] == 4).all(), more
+    assert list(more["rows missing"]) == ["1@1 4@1 7@1 12@1"] * 3
 
 
 def test_the_defended_preset_is_the_frontiers_logits_point():
