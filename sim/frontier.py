@@ -131,15 +131,18 @@ def privacy(cfg: Config, point: Point, store: CellStore, families: list[str], at
         cells = pd.DataFrame(run.records)
         for w in worst_cases(cells).to_dict("records"):
             v = w["victim"]
-            out |= {f"{v} disclosure attack seed {seed}": w["disclosure"],
-                    f"{v} identification attack seed {seed}": w["identification"]}
-            if i:
-                continue
-            out |= {f"{v} disclosure": w["disclosure"], f"{v} by": w["attacker"],
-                    f"{v} identification": w["identification"], f"{v} identified by": w["identification attacker"]}
+            figures = {}
             for attacker, column in (("psi", "ψ"), ("prior", "prior")):
                 hit = cells[(cells["victim"] == v) & (cells["attacker"] == attacker) & (cells["status"] == "ok")]
-                out[f"{v} {column}"] = float(hit["disclosure"].iloc[0]) if len(hit) else np.nan
+                figures[column] = float(hit["disclosure"].iloc[0]) if len(hit) else np.nan
+            # the attacker's seed picks the items attacked, so the prior's figure is per seed too
+            out |= {f"{v} disclosure attack seed {seed}": w["disclosure"],
+                    f"{v} identification attack seed {seed}": w["identification"],
+                    f"{v} prior attack seed {seed}": figures["prior"]}
+            if not i:
+                out |= {f"{v} disclosure": w["disclosure"], f"{v} by": w["attacker"],
+                        f"{v} identification": w["identification"], f"{v} identified by": w["identification attacker"],
+                        **{f"{v} {column}": f for column, f in figures.items()}}
     return out
 
 
@@ -372,8 +375,8 @@ def retained_by_seed(table: pd.DataFrame, row: str) -> pd.DataFrame:
 
 
 def by_attack_seed(table: pd.DataFrame, victim: str, what: str) -> pd.DataFrame:
-    """Per point, ``victim``'s worst-case ``what`` (disclosure, identification) at each attacker seed measured;
-    a table written before attacker seeds were columns has its one figure."""
+    """Per point, ``victim``'s ``what`` (worst-case disclosure, identification, the prior's figure) at each attacker
+    seed measured, in seed order; a table written before attacker seeds were columns has its one figure."""
     columns = [c for c in table.columns if c.startswith(f"{victim} {what} attack seed ")]
     return table[columns or [f"{victim} {what}"]]
 
@@ -388,9 +391,9 @@ def excess(table: pd.DataFrame, victims: list[str]) -> pd.DataFrame:
         return values.std(axis=1, ddof=1).to_numpy() if values.shape[1] > 1 else np.full(len(values), np.nan)
 
     for v in victims:
-        disclosed = by_attack_seed(table, v, "disclosure")
-        prior = table[f"{v} prior"].to_numpy()
-        over = pd.DataFrame({c: [excess_disclosure(w, p) for w, p in zip(disclosed[c], prior)] for c in disclosed})
+        disclosed, priors = by_attack_seed(table, v, "disclosure"), by_attack_seed(table, v, "prior")
+        over = pd.DataFrame({c: [excess_disclosure(w, p) for w, p in zip(disclosed[c], priors[f])]
+                             for c, f in zip(disclosed, priors)})  # each seed against its own prior
         identified = by_attack_seed(table, v, "identification")
         out[f"{v} excess disclosure"] = over.mean(axis=1).to_numpy()
         out[f"{v} excess sd"] = spread(over)

@@ -168,7 +168,8 @@ def test_frontier_writes_every_point_with_its_worst_case_and_gains(world):
     seeds = [stored[f"E4 disclosure attack seed {s}"] for s in (1, 2)]
     assert (seeds[0] == stored["E4 disclosure"]).all() and (seeds[0] != seeds[1]).any()
     ex = pd.read_csv(run_dir / "frontier-excess.csv")
-    assert np.allclose(ex["E4 excess disclosure"], (seeds[0] + seeds[1]) / 2 - stored["E4 prior"])
+    priors = [stored[f"E4 prior attack seed {s}"] for s in (1, 2)]
+    assert np.allclose(ex["E4 excess disclosure"], (seeds[0] - priors[0] + seeds[1] - priors[1]) / 2)
     assert "mean ± sd over the attacker's 2 seeds" in (run_dir / "frontier-excess.md").read_text()
     # --plan: everything this run stored is stored; a third attacker seed's cells and a second seed's rows are not
     planned = attack.main([*args, "--plan", "--attack-seeds", "2"]).set_index("point")

@@ -122,12 +122,16 @@ def test_frontier_excess_is_the_mean_over_attacker_seeds_with_its_spread():
 
     table = pd.DataFrame({"point": ["a"], "E1 prior": [0.15], "E1 disclosure": [0.20], "E1 identification": [0.1],
                           "E1 disclosure attack seed 1": [0.20], "E1 disclosure attack seed 2": [0.24],
+                          "E1 prior attack seed 1": [0.15], "E1 prior attack seed 2": [0.15],
                           "E1 identification attack seed 1": [0.1], "E1 identification attack seed 2": [0.3],
                           "row 7": [58.0], "row 12": [55.0], "row 7 seed 0": [58.0], "row 12 seed 0": [55.0]})
     ex = excess(table, ["E1"]).iloc[0]
     assert ex["E1 excess disclosure"] == pytest.approx(0.07) and ex["E1 identification"] == pytest.approx(0.2)
     assert ex["E1 excess sd"] == pytest.approx(np.std([0.05, 0.09], ddof=1))
     assert ex["E1 identification sd"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    # each seed's worst case against its own seed's prior (the seed picks the items attacked)
+    other = excess(table.assign(**{"E1 prior attack seed 2": [0.17]}), ["E1"]).iloc[0]
+    assert other["E1 excess disclosure"] == pytest.approx((0.05 + 0.07) / 2)
     one = excess(table.drop(columns=[c for c in table if "attack seed" in c]), ["E1"]).iloc[0]
     assert one["E1 excess disclosure"] == pytest.approx(0.05) and np.isnan(one["E1 excess sd"])
 
