@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from entities.provenance import command_line, write_provenance
 from entities.report import image_grid, markdown_table, write_json
 from entities.sharing import DPM
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
-from sim.executors import add_executor_args, executor_from_args
+from sim.executors import add_executor_args, executor_from_args, planned_slots
 from sim.grid import feature_shape, load_flower_pools
 
 log = logging.getLogger("poisonpool")
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir.mkdir(parents=True, exist_ok=True)
     store = CellStore(run_dir)
     if args.plan:
-        slots = 1 if args.sequential else max(1, (args.num_cpus or os.cpu_count() or 1) // args.cpus_per_task)
+        slots = planned_slots(args)
         return plan(cfg, families, modes, store, source, slots)
     t0 = time.time()
     with executor_from_args(args, cfg.threads) as executor:

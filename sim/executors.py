@@ -127,6 +127,12 @@ def add_executor_args(parser, what: str) -> None:
     parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray instance without dashboard")
 
 
+def planned_slots(args) -> int:
+    """How many tasks the executor chosen by ``args`` would run at once on this machine, for a ``--plan``
+    estimate (it starts nothing, so a cluster's size is not known: this machine's CPUs or ``--num-cpus``)."""
+    return 1 if args.sequential else max(1, (args.num_cpus or os.cpu_count() or 1) // args.cpus_per_task)
+
+
 @contextmanager
 def executor_from_args(args, threads: int) -> Iterator[Sequential | RayPool]:
     """``--sequential``: this process with ``threads`` torch threads; else Ray, joined or started here

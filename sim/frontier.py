@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shlex
 import time
 from dataclasses import dataclass, field, replace
@@ -56,7 +55,7 @@ from entities.sharing import AUGMDP, DPM, MDP, RAW, SHARING_MODES, contribute, g
 from entities.sharing.dpm import k_anonymous
 from entities.train import evaluate_classifier, infer
 from sim.cli import add_config_args, command_parser, config_from_args, run_name
-from sim.executors import add_executor_args, executor_from_args, run_all
+from sim.executors import add_executor_args, executor_from_args, planned_slots, run_all
 from sim.grid import RAW as RAW_ROW
 from sim.grid import ROWS, RowStore, feature_row, phi_row, raw_row, reuses_phi, row_key
 
@@ -294,7 +293,8 @@ def plan(preset: str, overrides: dict[str, str], points: list[Point], store: Cel
                                                                   if todo else ""))
     table = pd.DataFrame(lines)
     work = float(table["seconds"].sum())
-    print(f"{len(table)} points: {int((table['seconds'] == 0).sum())} with nothing to run; "
+    done = (table["cells to run"] == 0) & (table["rows to run"] == 0)
+    print(f"{len(table)} points: {int(done.sum())} with nothing to run; "
           f"{int(table['cells to run'].sum())} cells and {int(table['rows to run'].sum())} rows to run, about "
           f"{work / 60:.0f} min of work, {work / 60 / slots:.0f} min on {slots} task slot(s), from the mean seconds "
           "of the cells and rows stored under this results root", flush=True)
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     store, rows = CellStore(run_dir), RowStore(run_dir / "frontier")
     chosen = [p for p in POINTS if args.points is None or p.name in args.points]
     if args.plan:
-        slots = 1 if args.sequential else max(1, (args.num_cpus or os.cpu_count() or 1) // args.cpus_per_task)
+        slots = planned_slots(args)
         return plan(args.config, overrides, chosen, store, rows, families, args.seeds, args.attack_seeds, slots,
                     base.results_dir())
     tasks = chains(chosen)
