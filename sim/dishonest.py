@@ -34,7 +34,7 @@ from entities.files import artefact_key, results_lock, write_json, write_text
 from entities.pipeline import load_task
 from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table
-from entities.screening import screen
+from entities.screening import SPLIT_MARGIN, screen
 from entities.train import evaluate_classifier, train_decider
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 from sim.executors import RayPool, Sequential, start_ray
@@ -88,17 +88,23 @@ def refine(inputs: GridInputs, cfg: Config, receiver: str, pools: list[Pool], se
 
 def summarise(records: list[dict]) -> pd.DataFrame:
     """Per lie and honest receiver: top-1 without and with the check (mean ± sd over seeds), what each costs
-    against the honest collaboration without a check, and the refusals."""
+    against the honest collaboration without a check, and the refusals.
+
+    The loss is the mean over seeds of the paired difference (the honest run and this one refined with the same
+    seed), with its standard error: a refinement's seed moves top-1 by up to a point at collab-scale, as much as
+    the losses measured, and pairing takes out what the seed does to both runs alike."""
     df = pd.DataFrame(records)
-    base = df[(df["lie"] == "honest") & (df["check"] == NO_CHECK)].groupby("receiver")["top1"].mean()
+    base = df[(df["lie"] == "honest") & (df["check"] == NO_CHECK)].set_index(["receiver", "seed"])["top1"]
     rows = []
     for (lie, receiver), part in df.groupby(["lie", "receiver"], sort=False):
         line = {"lie": lie, "receiver": receiver}
         for check in CHECKS:
-            got = part[part["check"] == check]["top1"]
-            spread = f" ± {got.std(ddof=1):.2f}" if len(got) > 1 else ""
-            line[f"top-1, {check}"] = f"{got.mean():.2f}{spread}"
-            line[f"loss, {check}"] = round(float(base[receiver] - got.mean()), 2)
+            got = part[part["check"] == check]
+            spread = f" ± {got['top1'].std(ddof=1):.2f}" if len(got) > 1 else ""
+            line[f"top-1, {check}"] = f"{got['top1'].mean():.2f}{spread}"
+            loss = base.loc[[(receiver, s) for s in got["seed"]]].to_numpy() - got["top1"].to_numpy()
+            line[f"loss, {check}"] = round(float(loss.mean()), 2)
+            line[f"loss se, {check}"] = round(float(loss.std(ddof=1) / np.sqrt(len(loss))), 2) if len(loss) > 1 else 0.0
         for check, what in ((CHECK, "refused"), (REPAIR, "repaired")):
             senders = part[part["check"] == check][what]
             line[f"{what}, {check}"] = "; ".join(sorted({", ".join(r) or "none" for r in senders}))
@@ -130,11 +136,16 @@ def checks(table: pd.DataFrame) -> list[str]:
     out, most_cost, most_loss = [], TARGETS["cost of the check when honest"], TARGETS["loss with the check"]
     for check in (CHECK, REPAIR):
         cost = float(honest[f"loss, {check}"].max())
-        worst = float(lying[f"loss, {check}"].max()) if len(lying) else float("nan")
-        out += [f"- {check}: its cost when everyone is honest, the largest over receivers: {cost:+.2f} points "
-                f"(target ≤ {most_cost}): {'yes' if cost <= most_cost else 'NO'}",
-                f"- {check}: the largest loss of an honest entity to a liar: {worst:+.2f} points "
-                f"(target ≤ {most_loss}): {'yes' if worst <= most_loss else 'NO'}"]
+        out.append(f"- {check}: its cost when everyone is honest, the largest over receivers: {cost:+.2f} points "
+                   f"(target ≤ {most_cost}): {'yes' if cost <= most_cost else 'NO'}")
+        if len(lying):
+            worst = lying.loc[lying[f"loss, {check}"].idxmax()]
+            loss, se = float(worst[f"loss, {check}"]), float(worst[f"loss se, {check}"])
+            verdict = "yes" if loss <= most_loss else "NO"
+            if abs(loss - most_loss) < 2 * se:
+                verdict += ", but within two standard errors of the target: more seeds would be needed to tell"
+            out.append(f"- {check}: the largest loss of an honest entity to a liar: {loss:+.2f} ± {se:.2f} points "
+                       f"({worst['receiver']}, {worst['lie']}) (target ≤ {most_loss}): {verdict}")
     return out + [f"- {NO_CHECK}: the largest loss to a liar: {float(lying[f'loss, {NO_CHECK}'].max()):+.2f} points"]
 
 
@@ -218,13 +229,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         text = (f"# A dishonest collaborator: {cfg.name}, liar {args.liar}, sharing {cfg.collab.share}\n\n"
                 f"{markdown_table(table)}\n\n"
                 "Top-1 (%) of each honest entity's φ2 refined on its own φ1 features and every other entity's pool, "
-                f"mean ± sd over seeds {seeds}. Loss: against the honest collaboration without the check. With the "
-                f"check, a receiver refuses a sender's pool if, for some class, its labels agree with what Φ's φ2 "
-                f"sees in its items more than {args.margin:g} nats less than the median over the senders and the "
-                f"receiver's own images (entities/screening.py); with repair it keeps such a pool relabelled, where "
-                f"the classes its items agree with most are a one-to-one map of its labels that then passes, else "
-                f"with the items of its failing classes split by φ2 between their label and the classes the pool "
-                f"lacks, if every class so filled then passes, else without the classes that fail.\n\n"
+                f"mean ± sd over seeds {seeds}. Loss: against the honest collaboration without the check, the mean "
+                "over seeds of the paired difference (both refined with the same seed); loss se: its standard error. "
+                "With the check, a receiver refuses a sender's pool if, for some class, its labels agree with what "
+                f"Φ's φ2 sees in its items more than {args.margin:g} nats less than the median over the senders and "
+                "the receiver's own images (entities/screening.py); with repair it keeps such a pool relabelled, "
+                "where the classes its items agree with most are a one-to-one map of its labels that then passes, "
+                "else with the items of its failing classes split by φ2 between their label and the classes the pool "
+                f"lacks (an item only where φ2 prefers one by more than {SPLIT_MARGIN:g} nats), if every class so "
+                "filled then passes, else without the classes that fail.\n\n"
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / "dishonest.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv))
