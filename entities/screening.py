@@ -199,8 +199,12 @@ def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], 
         judged = by_class(lifts[split >= 0], split[split >= 0])
         if filled and filled <= set(judged) and filled <= _trusted(judged, reference, margin):
             names = ", ".join(str(c) for c in sorted(failing))
+            moved = np.isin(labels, list(failing))
+            given = ", ".join(f"{int((split[moved] == c).sum())} to {c}" for c in sorted(set(split[moved]) - {-1}))
             return Repair(split, f"the items of class(es) {names} split by φ2 between their label and the missing "
-                                 f"class(es) {', '.join(str(c) for c in missing)}, which then agree with φ2")
+                                 f"class(es) {', '.join(str(c) for c in missing)}, which then agree with φ2 "
+                                 f"({given}; {int((split[moved] < 0).sum())} of {int(moved.sum())} left out, φ2 "
+                                 f"not clear by {SPLIT_MARGIN:g} nats)")
     if 2 * len(trusted) <= len(by_cls):
         return None  # a pool caught lying is kept only where most of its classes clearly agree with φ2
     return Repair(np.where(np.isin(labels, list(trusted)), labels, -1),

@@ -127,7 +127,8 @@ def screening_text(decisions: list[dict], cfg: Config, args) -> str:
             "(entities/screening.py): per class, the pointwise mutual information between a pool's labels and Φ's "
             "φ2 on its items, against the median over the senders and the receiver's own images; with repair, a "
             "failing pool is kept relabelled (its labels a permutation of what φ2 sees), with the items of its failing "
-            "classes split by φ2 between their label and the classes it lacks, or without its failing classes.\n")
+            "classes split by φ2 between their label and the classes it lacks (an item only where φ2 prefers one by "
+            f"more than {SPLIT_MARGIN:g} nats), or without its failing classes.\n")
 
 
 def checks(table: pd.DataFrame) -> list[str]:
