@@ -172,9 +172,9 @@ def _split(lifts: np.ndarray, labels: np.ndarray, failing: set[int], trusted: se
     for c in failing:
         rows = np.flatnonzero(labels == c)
         candidates = np.array([c, *missing])
-        ranked = np.sort(lifts[np.ix_(rows, candidates)], axis=1)
-        clear = ranked[:, -1] - ranked[:, -2] > SPLIT_MARGIN
-        out[rows] = np.where(clear, candidates[lifts[np.ix_(rows, candidates)].argmax(1)], -1)
+        block = lifts[np.ix_(rows, candidates)]
+        ranked = np.sort(block, axis=1)
+        out[rows] = np.where(ranked[:, -1] - ranked[:, -2] > SPLIT_MARGIN, candidates[block.argmax(1)], -1)
     return out
 
 
