@@ -127,6 +127,5 @@ class Entity:
         """Step 3: refine φ2 on its own original features plus the pools it received."""
         data = Pool.union([self.featurize(shared), *received])
         phi2 = copy.deepcopy(shared.phi2)
-        train_decider(phi2, data.features, data.labels, cfg.decider, seed=seed, what=f"{self.name} decider",
-                      among=data.among)
+        train_decider(phi2, data.features, data.labels, cfg.decider, seed=seed, what=f"{self.name} decider")
         return phi2, evaluate_classifier(phi2, test_features, test_labels)

@@ -32,25 +32,13 @@ class PoolError(ValueError):
 
 @dataclass
 class Pool:
-    """``data`` (φ1 features, poisoned or not, or images in [0, 1], as its mode says) with one label each.
-
-    ``among`` (a receiver's, never sent): None, or per item and class whether the item may be of that class,
-    for items whose class a receiver knows only up to a set (a lying pool's merged class,
-    :mod:`entities.screening`); a decider learns those with the partial-label loss
-    (:func:`entities.train.train_decider`). Rows of items with a known class hold that class alone."""
+    """``data`` (φ1 features, poisoned or not, or images in [0, 1], as its mode says) with one label each."""
 
     data: torch.Tensor
     labels: np.ndarray
-    among: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def candidates(self, classes: int) -> np.ndarray:
-        """Per item and class whether the item may be of it: ``among``, or each item's label alone."""
-        if self.among is not None:
-            return self.among
-        return np.eye(classes, dtype=bool)[np.asarray(self.labels)]
 
     @property
     def features(self) -> torch.Tensor:
@@ -60,10 +48,7 @@ class Pool:
 
     @staticmethod
     def union(pools: list[Pool]) -> Pool:
-        """The pools as one; ``among`` kept (each other pool's labels as one-class rows) where any has it."""
-        masks = [p.among for p in pools if p.among is not None]
-        among = np.concatenate([p.candidates(masks[0].shape[1]) for p in pools]) if masks else None
-        return Pool(torch.cat([p.data for p in pools]), np.concatenate([p.labels for p in pools]), among)
+        return Pool(torch.cat([p.data for p in pools]), np.concatenate([p.labels for p in pools]))
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,8 @@ cost). With ``repair`` the receiver keeps what it can trust of a pool it would r
    would teach class 1; left out, as repair 3 does, they teach nothing: at collab-scale that cost an honest
    receiver a point). The items so split carry φ2's own labels, not the sender's: the most a liar makes a
    receiver learn there is what φ2 already says. An item is split only where φ2 prefers one candidate by more
-   than :data:`SPLIT_MARGIN` nats: on E2's one-class lie at collab-scale, splitting every item put 12.4% of them
-   in the wrong class; with the margin 62% are split and 95.7% of those are right. The others are learned as
-   what the lie still says of them, one of their label and the missing classes (the partial-label loss of
-   :func:`entities.train.train_decider`): leaving them out cost E4, which has 64 images of its own and learns
-   most from the pools' quantity, 0.89 ± 0.31 points against the honest collaboration over eight seeds.
+   than :data:`SPLIT_MARGIN` nats, else left out: on E2's one-class lie at collab-scale, splitting every item put
+   12.4% of them in the wrong class; with the margin 62% are split and 95.7% of those are right.
 3. Keep the trusted classes, if they are more than half of the judged ones, and leave out the rest. Any other
    pool is refused whole, since a lie the check missed hides best in the classes a weak φ2 confuses (on
    collab-tiny, shifted pools kept their class 3, all class 2, when only a majority of failing classes refused
@@ -70,30 +67,19 @@ SPLIT_MARGIN = 2.0  # nats (odds about 7:1) by which φ2 must prefer an item's c
 @dataclass(frozen=True)
 class Repair:
     """What a receiver kept of a pool it would refuse: ``labels`` per item of the pool, the label it learns for
-    that item (-1: left out); ``among`` (None, or per item and class): the classes each item may be of, where
-    the receiver knows only that set (a split's unclear items, :func:`_split`); ``why`` says what failed and
-    what was done."""
+    that item (-1: left out); ``why`` says what failed and what was done."""
 
     labels: np.ndarray
     why: str
-    among: np.ndarray | None = None
 
     def apply(self, pool: Pool) -> Pool:
         keep = self.labels >= 0
-        return Pool(pool.data[torch.as_tensor(keep)], self.labels[keep],
-                    None if self.among is None else self.among[keep])
+        return Pool(pool.data[torch.as_tensor(keep)], self.labels[keep])
 
-    def learned(self) -> list[str]:
-        """Per item what the receiver learns: its class, ``one of a, b`` for a set, or -1 (left out)."""
-        if self.among is None:
-            return [str(int(t)) for t in self.labels]
-        return [str(int(t)) if t < 0 or row.sum() == 1 else "one of " + ", ".join(str(c) for c in np.flatnonzero(row))
-                for t, row in zip(self.labels, self.among)]
-
-    def moves(self, claimed: np.ndarray) -> dict[int, dict[str, int]]:
-        """Per claimed label, how many of its items it learns as each class or set (left out: -1)."""
-        claimed, learned = np.asarray(claimed), np.array(self.learned())
-        return {int(c): {str(t): int(n) for t, n in zip(*np.unique(learned[claimed == c], return_counts=True))}
+    def moves(self, claimed: np.ndarray) -> dict[int, dict[int, int]]:
+        """Per claimed label, how many of its items it learns under each label (left out: -1)."""
+        claimed = np.asarray(claimed)
+        return {int(c): {int(t): int(n) for t, n in zip(*np.unique(self.labels[claimed == c], return_counts=True))}
                 for c in np.unique(claimed)}
 
 
@@ -178,21 +164,18 @@ def _mapped(mapping: dict[int, int], labels: np.ndarray) -> np.ndarray:
 
 
 def _split(lifts: np.ndarray, labels: np.ndarray, failing: set[int], trusted: set[int], missing: list[int]
-           ) -> tuple[np.ndarray, np.ndarray]:
+           ) -> np.ndarray:
     """Each item of a ``failing`` class given the class, among its claimed one and the pool's ``missing``
     classes, that it agrees with most by more than :data:`SPLIT_MARGIN`; trusted classes kept as they are, every
-    other item left out (-1). Also per item whether it is a failing class's item that φ2 is not clear about."""
+    other item left out (-1)."""
     out = np.where(np.isin(labels, list(trusted)), labels, -1)
-    unclear = np.zeros(len(labels), dtype=bool)
     for c in failing:
         rows = np.flatnonzero(labels == c)
         candidates = np.array([c, *missing])
         block = lifts[np.ix_(rows, candidates)]
         ranked = np.sort(block, axis=1)
-        clear = ranked[:, -1] - ranked[:, -2] > SPLIT_MARGIN
-        out[rows] = np.where(clear, candidates[block.argmax(1)], -1)
-        unclear[rows] = ~clear
-    return out, unclear
+        out[rows] = np.where(ranked[:, -1] - ranked[:, -2] > SPLIT_MARGIN, candidates[block.argmax(1)], -1)
+    return out
 
 
 def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], margin: float) -> Repair | None:
@@ -211,22 +194,17 @@ def _repair(lifts: np.ndarray, labels: np.ndarray, reference: dict[int, float], 
     missing = sorted(set(reference) - set(by_cls))
     failing = set(by_cls) - trusted
     if missing and failing:
-        split, unclear = _split(lifts, labels, failing, trusted, missing)
+        split = _split(lifts, labels, failing, trusted, missing)
         filled = set(np.unique(split[split >= 0]).tolist()) - trusted
         judged = by_class(lifts[split >= 0], split[split >= 0])
         if filled and filled <= set(judged) and filled <= _trusted(judged, reference, margin):
             names = ", ".join(str(c) for c in sorted(failing))
             moved = np.isin(labels, list(failing))
             given = ", ".join(f"{int((split[moved] == c).sum())} to {c}" for c in sorted(set(split[moved]) - {-1}))
-            among = np.zeros(lifts.shape, dtype=bool)
-            among[split >= 0, split[split >= 0]] = True
-            among[np.ix_(unclear, missing)] = True
-            among[unclear, labels[unclear]] = True
-            return Repair(np.where(unclear, labels, split),
-                          f"the items of class(es) {names} split by φ2 between their label and the missing "
-                          f"class(es) {', '.join(str(c) for c in missing)}, which then agree with φ2 ({given}; "
-                          f"{int(unclear.sum())} of {int(moved.sum())}, φ2 not clear by {SPLIT_MARGIN:g} nats, "
-                          "learned as one of their label and the missing classes)", among)
+            return Repair(split, f"the items of class(es) {names} split by φ2 between their label and the missing "
+                                 f"class(es) {', '.join(str(c) for c in missing)}, which then agree with φ2 "
+                                 f"({given}; {int((split[moved] < 0).sum())} of {int(moved.sum())} left out, φ2 "
+                                 f"not clear by {SPLIT_MARGIN:g} nats)")
     if 2 * len(trusted) <= len(by_cls):
         return None  # a pool caught lying is kept only where most of its classes clearly agree with φ2
     return Repair(np.where(np.isin(labels, list(trusted)), labels, -1),
@@ -255,5 +233,5 @@ def screen(phi2: nn.Module, own: Pool, pools: dict[str, Pool], margin: float, re
             out.refused[sender] = why
         else:
             out.kept.append(sender)
-            out.repaired[sender] = Repair(fixed.labels, f"{fixed.why}; {why}", fixed.among)
+            out.repaired[sender] = Repair(fixed.labels, f"{fixed.why}; {why}")
     return out

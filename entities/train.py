@@ -257,18 +257,10 @@ def poison(dpm: nn.Module, features: torch.Tensor, batch_size: int = 1000) -> to
     return infer(dpm, features, batch_size)
 
 
-def partial_label_loss(logits: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
-    """−log Σ_{c ∈ among} softmax(logits)_c, the mean over items: the cross-entropy of an item that may be of
-    any class of its set (for a one-class set, the plain cross-entropy)."""
-    return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~among, float("-inf")), 1)).mean()
-
-
 def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
-                  seed: int = 0, what: str = "decider", among: np.ndarray | None = None):
+                  seed: int = 0, what: str = "decider"):
     """Step 3: refine (or train) a decider φ2 on a pool of features, original and poisoned (multi-label
-    with BCE for (N, A) attribute ``labels``, as Table 4's fresh privacy classifier). ``among`` (per item
-    and class, :attr:`entities.pools.Pool.among`): items known only up to a set of classes are learned with
-    :func:`partial_label_loss`, which tells the decider what such an item is not without guessing what it is."""
+    with BCE for (N, A) attribute ``labels``, as Table 4's fresh privacy classifier)."""
     for p in phi2.parameters():
         p.requires_grad_(True)
     runtime.current().module(phi2)
@@ -277,13 +269,8 @@ def train_decider(phi2: nn.Module, features: torch.Tensor, labels: np.ndarray, c
     def step(idx):
         logits = phi2(batch(features[idx])).float()
         y = labels_of(labels[idx])
-        if among is None:
-            loss = task_loss(logits, y)
-            return loss, {"loss": loss.item(), "acc": task_accuracy(logits, y)}
-        allowed = runtime.current().tensor(among[idx])
-        loss = partial_label_loss(logits, allowed)
-        hit = allowed[torch.arange(len(idx)), logits.argmax(1)]  # the decider's class is one the item may be of
-        return loss, {"loss": loss.item(), "acc": hit.float().mean().item()}
+        loss = task_loss(logits, y)
+        return loss, {"loss": loss.item(), "acc": task_accuracy(logits, y)}
 
     torch.manual_seed(seed)
     history = fit(phi2.parameters(), step, len(features), cfg.epochs, cfg.batch_size, cfg.lr, what,

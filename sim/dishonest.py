@@ -34,7 +34,7 @@ from entities.files import artefact_key, results_lock, write_json, write_text
 from entities.pipeline import load_task
 from entities.provenance import command_line, write_provenance
 from entities.report import markdown_table
-from entities.screening import SPLIT_MARGIN, Repair, screen
+from entities.screening import SPLIT_MARGIN, screen
 from entities.train import evaluate_classifier, train_decider
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 from sim.executors import RayPool, Sequential, start_ray
@@ -81,17 +81,9 @@ def refine(inputs: GridInputs, cfg: Config, receiver: str, pools: list[Pool], se
     runtime.configure(cfg, threads)
     model = copy.deepcopy(inputs.backbone.split(cfg.backbone.hook)[1])
     data = Pool.union([inputs.own[receiver], *pools])
-    train_decider(model, data.features, data.labels, cfg.decider, seed=seed, what=f"{receiver} decider",
-                  among=data.among)
+    train_decider(model, data.features, data.labels, cfg.decider, seed=seed, what=f"{receiver} decider")
     return {"top1": evaluate_classifier(model, inputs.test_features, test_labels)["top1"],
             "seconds": time.time() - t0}
-
-
-def _learned(repair: Repair) -> tuple:
-    """What a receiver learns of a repaired pool, for the refinement's key: per item its label (-1: left out),
-    and where some items are known only up to a set, per item what it learns (repairs without sets keep the
-    keys they had before sets existed)."""
-    return (repair.labels.tolist(),) + (() if repair.among is None else (repair.learned(),))
 
 
 def summarise(records: list[dict]) -> pd.DataFrame:
@@ -199,7 +191,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     kept = decision.apply(pools) if decision else pools
                     repaired = decision.repaired if decision else {}
                     used = tuple((s, lie.name if s == args.liar else "honest")
-                                 + (_learned(repaired[s]) if s in repaired else ()) for s in kept)
+                                 + ((repaired[s].labels.tolist(),) if s in repaired else ()) for s in kept)
                     for seed in seeds:
                         key = artefact_key({**common, "receiver": receiver, "pools used": used, "seed": seed})
                         jobs.setdefault(key, (receiver, list(kept.values()), seed))
