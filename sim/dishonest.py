@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from entities import runtime
 from entities.config import Config
@@ -45,16 +46,23 @@ log = logging.getLogger("poisonpool")
 
 @dataclass(frozen=True)
 class Lie:
-    """What the liar does to its pool's labels (``relabel`` of the labels and the number of classes)."""
+    """What the liar does to its pool's labels (``relabel`` of the labels and the number of classes; -1: the
+    item is not sent). ``bound``: not a lie but a reference, what a receiver would lose if the liar sent honestly
+    all but what its lie takes away."""
 
     name: str
     relabel: Callable[[np.ndarray, int], np.ndarray] | None
+    bound: bool = False
 
 
+WITHHELD = "class 0 withheld (honest; what the one-class lie takes)"
 LIES: tuple[Lie, ...] = (
     Lie("honest", None),
     Lie("every label flipped (y → y+1 mod K)", lambda y, k: (y + 1) % k),
     Lie("class 0 relabelled as class 1", lambda y, k: np.where(y == 0, 1, y)),
+    # The one-class lie hides which of the claimed class-1 items are class 0. A check that undid its harm but
+    # could not learn those labels back would do as well as this: the class-0 items not sent at all.
+    Lie(WITHHELD, lambda y, k: np.where(y == 0, -1, y), bound=True),
 )
 MARGIN = 0.5  # nats of per-class agreement below the median
 NO_CHECK, CHECK, REPAIR = "no check", "with check", "with check + repair"
@@ -69,7 +77,9 @@ def received(inputs: GridInputs, receiver: str, liar: str, lie: Lie, classes: in
         if sender == receiver:
             continue
         if sender == liar and lie.relabel is not None:
-            pool = Pool(pool.features, lie.relabel(np.asarray(pool.labels), classes))
+            labels = lie.relabel(np.asarray(pool.labels), classes)
+            sent = labels >= 0
+            pool = Pool(pool.features[torch.as_tensor(sent)], labels[sent])
         out[sender] = pool
     return out
 
@@ -133,7 +143,8 @@ def screening_text(decisions: list[dict], cfg: Config, args) -> str:
 
 def checks(table: pd.DataFrame) -> list[str]:
     honest = table[table["lie"] == "honest"]
-    lying = table[table["lie"] != "honest"]
+    bounds = table[table["lie"].isin([lie.name for lie in LIES if lie.bound])]
+    lying = table[(table["lie"] != "honest") & ~table.index.isin(bounds.index)]
     out, most_cost, most_loss = [], TARGETS["cost of the check when honest"], TARGETS["loss with the check"]
     for check in (CHECK, REPAIR):
         cost = float(honest[f"loss, {check}"].max())
@@ -147,7 +158,12 @@ def checks(table: pd.DataFrame) -> list[str]:
                 verdict += ", but within two standard errors of the target: more seeds would be needed to tell"
             out.append(f"- {check}: the largest loss of an honest entity to a liar: {loss:+.2f} ± {se:.2f} points "
                        f"({worst['receiver']}, {worst['lie']}) (target ≤ {most_loss}): {verdict}")
-    return out + [f"- {NO_CHECK}: the largest loss to a liar: {float(lying[f'loss, {NO_CHECK}'].max()):+.2f} points"]
+    out.append(f"- {NO_CHECK}: the largest loss to a liar: {float(lying[f'loss, {NO_CHECK}'].max()):+.2f} points")
+    for _, row in bounds.iterrows():
+        out.append(f"- {row['receiver']}, {row['lie']}: {row[f'loss, {NO_CHECK}']:+.2f} ± "
+                   f"{row[f'loss se, {NO_CHECK}']:.2f} points, what no check that cannot learn the withheld labels "
+                   "back can save it from")
+    return out
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
