@@ -27,7 +27,7 @@ from entities.screening import screen
 from entities.sharing import get_mode, step1
 from entities.sharing.dpm import k_anonymous
 from entities.train import augmented_views, train_decider
-from sim.dishonest import CHECKS, MARGIN, NO_CHECK, checks, summarise
+from sim.dishonest import CHECKS, MARGIN, NO_CHECK, WITHHELD, checks, summarise
 from strategies.records import pack_pool, pack_senders, unpack_pool, unpack_senders
 
 try:
@@ -205,19 +205,21 @@ def test_the_receiver_check_refuses_lying_pools_and_keeps_honest_ones(tmp_path):
 def test_a_liars_cost_is_the_mean_paired_difference_with_its_standard_error():
     """Hand computation: honest top-1 60, 58, 62 at seeds 0-2; the lie's 59.5, 57, 60 at the same seeds, so the
     paired losses 0.5, 1, 2 (mean 1.17, sd 0.764, se 0.441), which an unpaired spread (sd 2 and 1.5) would hide;
-    a loss above 0.5 by less than two standard errors says more seeds are needed."""
-    honest, lie = [60.0, 58.0, 62.0], [59.5, 57.0, 60.0]
+    a loss above 0.5 by less than two standard errors says more seeds are needed. The withheld class (losses 2, 3,
+    4) is a bound beside the lies, reported on its own line, never the worst lie."""
+    honest, lie, withheld = [60.0, 58.0, 62.0], [59.5, 57.0, 60.0], [58.0, 55.0, 58.0]
     records = [{"lie": name, "check": check, "receiver": "E1", "seed": seed, "top1": got[seed], "refused": [],
                 "repaired": []}
-               for name, got in (("honest", honest), ("class 0 relabelled as class 1", lie))
+               for name, got in (("honest", honest), ("class 0 relabelled as class 1", lie), (WITHHELD, withheld))
                for check in CHECKS for seed in range(3)]
     table = summarise(records)
-    lying = table[table["lie"] != "honest"].iloc[0]
+    lying = table[table["lie"] == "class 0 relabelled as class 1"].iloc[0]
     assert lying[f"loss, {NO_CHECK}"] == 1.17 and lying[f"loss se, {NO_CHECK}"] == 0.44
     assert (table[table["lie"] == "honest"][[f"loss, {c}" for c in CHECKS]] == 0).all().all()
     verdicts = checks(table)
     assert "+1.17 ± 0.44 points (E1, class 0 relabelled as class 1) (target ≤ 0.5): NO, but within two standard " \
            "errors" in verdicts[1], verdicts
+    assert verdicts[-1].startswith(f"- E1, {WITHHELD}: +3.00 ± 0.58 points"), verdicts
 
 
 def test_repair_mends_a_permuted_pool_splits_a_merged_class_and_keeps_only_the_true_classes_of_another_lie():
