@@ -5,10 +5,11 @@ check (:mod:`entities.screening`), and with the check repairing what it can of a
 
 Every honest entity refines Φ's φ2 on its own φ1 features and every other entity's pool (the Flower app's
 Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's
-rows); the honest entities keep every pool, or screen each sender's pool, keeping it only if its labels
-agree with what Φ's φ2 sees in its items about as well as the others' do, or screen and repair: keep a failing
-pool relabelled, where its labels are a permutation of what φ2 sees, else with the items of its failing classes
-split by φ2 between their label and the classes it lacks, else without its failing classes
+rows, with a bound beside the lies: :data:`WITHHELD`, the liar's class 0 not sent at all); the honest entities
+keep every pool, or screen each sender's pool, keeping it only if its labels agree with what Φ's φ2 sees in its
+items about as well as the others' do, or screen and repair: keep a failing pool relabelled, where its labels
+are a permutation of what φ2 sees, else with the items of its failing classes split by φ2 between their label and
+the classes it lacks, else without its failing classes
 (:mod:`entities.screening`, run here: it only reads the pools). Each receiver's refinement on the pools it kept
 is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
 share it), so a rerun resumes. Output:
