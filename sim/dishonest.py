@@ -13,7 +13,8 @@ the classes it lacks, else without its failing classes
 (:mod:`entities.screening`, run here: it only reads the pools). Each receiver's refinement on the pools it kept
 is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
 share it), so a rerun resumes. Output:
-``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv``.
+``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv`` (``dishonest-<receivers>.md|csv`` with
+``--receivers``).
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help="a receiver refuses a pool whose labels agree with φ2 this many nats less than the "
                              "median in some class (entities/screening.py)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds data.seed, data.seed+1, ...")
+    parser.add_argument("--receivers", nargs="+", metavar="E", default=None,
+                        help="only these honest receivers, written to dishonest-<receivers>.md|csv (default: every "
+                             "entity but the liar, dishonest.md|csv)")
     parser.add_argument("--sequential", action="store_true", help="every task in this process, without Ray")
     parser.add_argument("--screen-only", action="store_true",
                         help="write each receiver's screening decisions (screening.md) and stop before refining")
@@ -185,6 +189,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     names = [f"E{i + 1}" for i in range(len(cfg.data.shard_fractions))]
     if args.liar not in names:
         parser.error(f"--liar {args.liar}: choose from {', '.join(names)}")
+    receivers = args.receivers or [n for n in names if n != args.liar]
+    if unknown := sorted(set(receivers) - set(names) | ({args.liar} & set(receivers))):
+        parser.error(f"--receivers {' '.join(unknown)}: choose among the honest entities "
+                     f"{', '.join(n for n in names if n != args.liar)}")
+    stem = "dishonest" + ("" if args.receivers is None else "-" + "-".join(receivers))
     out_dir = cfg.results_dir() / "utility" / f"dishonest-{run_name(args, cfg.name)}"
     cells = out_dir / "cells"
     seeds = [cfg.data.seed + i for i in range(args.seeds)]
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         # refuse nothing reuse the run without the check; every refused liar leaves the same pools).
         decisions, jobs = [], {}
         for lie in LIES:
-            for receiver in (n for n in names if n != args.liar):
+            for receiver in receivers:
                 pools = received(inputs, receiver, args.liar, lie, classes)
                 for check in CHECKS:
                     decision = (screen(phi2, inputs.own[receiver], pools, args.margin, repair=check == REPAIR)
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 ray.shutdown()
         records = [{**d, "top1": done[d["key"]]["top1"]} for d in decisions]
         table = summarise(records)
-        write_text(out_dir / "dishonest.csv", pd.DataFrame(records).drop(columns=["why"]).to_csv(index=False))
+        write_text(out_dir / f"{stem}.csv", pd.DataFrame(records).drop(columns=["why"]).to_csv(index=False))
         command = " ".join(command_line("python -m sim.dishonest", argv))
         text = (f"# A dishonest collaborator: {cfg.name}, liar {args.liar}, sharing {cfg.collab.share}\n\n"
                 f"{markdown_table(table)}\n\n"
@@ -257,8 +266,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 f"lacks (an item only where φ2 prefers one by more than {SPLIT_MARGIN:g} nats), if every class so "
                 "filled then passes, else without the classes that fail.\n\n"
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
-        write_text(out_dir / "dishonest.md", text)
-        write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv))
+        write_text(out_dir / f"{stem}.md", text)
+        write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv),
+                         **({} if args.receivers is None else {"name": f"provenance-{stem}.json"}))
     print(text)
     return table
 
