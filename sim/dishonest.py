@@ -1,7 +1,8 @@
 """A dishonest collaborator: what one entity's lying pool costs the honest ones, with and without the receivers'
 check (:mod:`entities.screening`), and with the check repairing what it can of a lying pool.
 
-    python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 0.5] [--seeds 3] [--sequential]
+    python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 0.5] [--seeds 3] [--receivers E ...]
+                            [--sequential]
 
 Every honest entity refines Φ's φ2 on its own φ1 features and every other entity's pool (the Flower app's
 Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's

@@ -79,6 +79,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Utility against the label-only floors", "table5/collab-scale-floors/sharing.md"),
     ("Utility against the label-only floors", "attack/collab-scale/frontier-excess.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/dishonest.md"),
+    ("Utility against the label-only floors", "utility/dishonest-collab-scale/dishonest-E4.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/screening.md"),
     ("Utility against the label-only floors", "utility/reading.md"),
 )
