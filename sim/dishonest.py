@@ -36,7 +36,7 @@ from entities.config import Config
 from entities.entity import Pool
 from entities.files import artefact_key, results_lock, write_json, write_text
 from entities.pipeline import load_task
-from entities.provenance import command_line, write_provenance
+from entities.provenance import FILENAME, command_line, write_provenance
 from entities.report import markdown_table
 from entities.screening import SPLIT_MARGIN, screen
 from entities.train import evaluate_classifier, train_decider
@@ -146,8 +146,8 @@ def screening_text(decisions: list[dict], cfg: Config, args) -> str:
 
 def checks(table: pd.DataFrame) -> list[str]:
     honest = table[table["lie"] == "honest"]
-    bounds = table[table["lie"].isin([lie.name for lie in LIES if lie.bound])]
-    lying = table[(table["lie"] != "honest") & ~table.index.isin(bounds.index)]
+    bound = table["lie"].isin([lie.name for lie in LIES if lie.bound])
+    bounds, lying = table[bound], table[(table["lie"] != "honest") & ~bound]
     out, most_cost, most_loss = [], TARGETS["cost of the check when honest"], TARGETS["loss with the check"]
     for check in (CHECK, REPAIR):
         cost = float(honest[f"loss, {check}"].max())
@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     names = [f"E{i + 1}" for i in range(len(cfg.data.shard_fractions))]
     if args.liar not in names:
         parser.error(f"--liar {args.liar}: choose from {', '.join(names)}")
-    receivers = args.receivers or [n for n in names if n != args.liar]
-    if unknown := sorted(set(receivers) - set(names) | ({args.liar} & set(receivers))):
-        parser.error(f"--receivers {' '.join(unknown)}: choose among the honest entities "
-                     f"{', '.join(n for n in names if n != args.liar)}")
+    honest = [n for n in names if n != args.liar]
+    receivers = args.receivers or honest
+    if unknown := sorted(set(receivers) - set(honest)):
+        parser.error(f"--receivers {' '.join(unknown)}: choose among the honest entities {', '.join(honest)}")
     stem = "dishonest" + ("" if args.receivers is None else "-" + "-".join(receivers))
     out_dir = cfg.results_dir() / "utility" / f"dishonest-{run_name(args, cfg.name)}"
     cells = out_dir / "cells"
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / f"{stem}.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv),
-                         **({} if args.receivers is None else {"name": f"provenance-{stem}.json"}))
+                         name=FILENAME if args.receivers is None else f"provenance-{stem}.json")
     print(text)
     return table
 
