@@ -2,7 +2,7 @@
 check (:mod:`entities.screening`), and with the check repairing what it can of a lying pool.
 
     python -m sim.dishonest [--config collab-scale] [--liar E2] [--margin 0.5] [--seeds 3] [--receivers E ...]
-                            [--sequential]
+                            [--lies flip merge withhold] [--checks none check repair] [--sequential]
 
 Every honest entity refines Φ's φ2 on its own φ1 features and every other entity's pool (the Flower app's
 Step 3) in the preset's sharing mode. The liar changes the labels of its pool (:data:`LIES`, data like Table 5's
@@ -15,7 +15,7 @@ the classes it lacks, else without its failing classes
 is one task, stored as it finishes under a key of everything it depends on (settings that keep the same pools
 share it), so a rerun resumes. Output:
 ``<results-root>/utility/dishonest-<run-name>/dishonest.md|csv`` (``dishonest-<receivers>.md|csv`` with
-``--receivers``).
+``--receivers``, and so on with ``--lies`` and ``--checks``: a narrower run, for more seeds where the noise is).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ log = logging.getLogger("poisonpool")
 class Lie:
     """What the liar does to its pool's labels (``relabel`` of the labels and the number of classes; -1: the
     item is not sent). ``bound``: not a lie but a reference, what a receiver would lose if the liar sent honestly
-    all but what its lie takes away."""
+    all but what its lie takes away. ``tag``: its name on the command line (``--lies``)."""
 
+    tag: str
     name: str
     relabel: Callable[[np.ndarray, int], np.ndarray] | None
     bound: bool = False
@@ -60,16 +61,17 @@ class Lie:
 
 WITHHELD = "class 0 withheld (honest; what the one-class lie takes)"
 LIES: tuple[Lie, ...] = (
-    Lie("honest", None),
-    Lie("every label flipped (y → y+1 mod K)", lambda y, k: (y + 1) % k),
-    Lie("class 0 relabelled as class 1", lambda y, k: np.where(y == 0, 1, y)),
+    Lie("honest", "honest", None),
+    Lie("flip", "every label flipped (y → y+1 mod K)", lambda y, k: (y + 1) % k),
+    Lie("merge", "class 0 relabelled as class 1", lambda y, k: np.where(y == 0, 1, y)),
     # The one-class lie hides which of the claimed class-1 items are class 0. A check that undid its harm but
     # could not learn those labels back would do as well as this: the class-0 items not sent at all.
-    Lie(WITHHELD, lambda y, k: np.where(y == 0, -1, y), bound=True),
+    Lie("withhold", WITHHELD, lambda y, k: np.where(y == 0, -1, y), bound=True),
 )
 MARGIN = 0.5  # nats of per-class agreement below the median
 NO_CHECK, CHECK, REPAIR = "no check", "with check", "with check + repair"
 CHECKS = (NO_CHECK, CHECK, REPAIR)
+CHECK_TAGS = {"none": NO_CHECK, "check": CHECK, "repair": REPAIR}  # --checks
 TARGETS = {"loss with the check": 0.5, "cost of the check when honest": 0.3}
 
 
@@ -111,8 +113,10 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     rows = []
     for (lie, receiver), part in df.groupby(["lie", "receiver"], sort=False):
         line = {"lie": lie, "receiver": receiver}
-        for check in CHECKS:
+        for check in [c for c in CHECKS if c in set(df["check"])]:
             got = part[part["check"] == check]
+            if got.empty:  # a check not run for this lie (--checks); the honest baseline is always run
+                continue
             spread = f" ± {got['top1'].std(ddof=1):.2f}" if len(got) > 1 else ""
             line[f"top-1, {check}"] = f"{got['top1'].mean():.2f}{spread}"
             loss = base.loc[[(receiver, s) for s in got["seed"]]].to_numpy() - got["top1"].to_numpy()
@@ -120,6 +124,8 @@ def summarise(records: list[dict]) -> pd.DataFrame:
             line[f"loss se, {check}"] = round(float(loss.std(ddof=1) / np.sqrt(len(loss))), 2) if len(loss) > 1 else 0.0
         for check, what in ((CHECK, "refused"), (REPAIR, "repaired")):
             senders = part[part["check"] == check][what]
+            if senders.empty:
+                continue
             line[f"{what}, {check}"] = "; ".join(sorted({", ".join(r) or "none" for r in senders}))
         rows.append(line)
     return pd.DataFrame(rows)
@@ -149,7 +155,8 @@ def checks(table: pd.DataFrame) -> list[str]:
     bound = table["lie"].isin([lie.name for lie in LIES if lie.bound])
     bounds, lying = table[bound], table[(table["lie"] != "honest") & ~bound]
     out, most_cost, most_loss = [], TARGETS["cost of the check when honest"], TARGETS["loss with the check"]
-    for check in (CHECK, REPAIR):
+    ran = [c for c in CHECKS if f"loss, {c}" in table and table.loc[~bound, f"loss, {c}"].notna().all()]
+    for check in [c for c in (CHECK, REPAIR) if c in ran]:
         cost = float(honest[f"loss, {check}"].max())
         out.append(f"- {check}: its cost when everyone is honest, the largest over receivers: {cost:+.2f} points "
                    f"(target ≤ {most_cost}): {'yes' if cost <= most_cost else 'NO'}")
@@ -161,7 +168,8 @@ def checks(table: pd.DataFrame) -> list[str]:
                 verdict += ", but within two standard errors of the target: more seeds would be needed to tell"
             out.append(f"- {check}: the largest loss of an honest entity to a liar: {loss:+.2f} ± {se:.2f} points "
                        f"({worst['receiver']}, {worst['lie']}) (target ≤ {most_loss}): {verdict}")
-    out.append(f"- {NO_CHECK}: the largest loss to a liar: {float(lying[f'loss, {NO_CHECK}'].max()):+.2f} points")
+    if len(lying) and NO_CHECK in ran:
+        out.append(f"- {NO_CHECK}: the largest loss to a liar: {float(lying[f'loss, {NO_CHECK}'].max()):+.2f} points")
     for _, row in bounds.iterrows():
         out.append(f"- {row['receiver']}, {row['lie']}: {row[f'loss, {NO_CHECK}']:+.2f} ± "
                    f"{row[f'loss se, {NO_CHECK}']:.2f} points, what no check that cannot learn the withheld labels "
@@ -180,6 +188,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--receivers", nargs="+", metavar="E", default=None,
                         help="only these honest receivers, written to dishonest-<receivers>.md|csv (default: every "
                              "entity but the liar, dishonest.md|csv)")
+    parser.add_argument("--lies", nargs="+", choices=[lie.tag for lie in LIES if lie.relabel], default=None,
+                        help="only these lies (and bounds) beside the honest run: flip (every label), merge (class 0 "
+                             "relabelled as 1), withhold (class 0 not sent: the bound); default: all")
+    parser.add_argument("--checks", nargs="+", choices=list(CHECK_TAGS), default=None,
+                        help="only these receiver checks for the lies: none, check (refuse), repair (the honest run "
+                             "without a check, the baseline, and each bound without a check always run); default: all")
     parser.add_argument("--sequential", action="store_true", help="every task in this process, without Ray")
     parser.add_argument("--screen-only", action="store_true",
                         help="write each receiver's screening decisions (screening.md) and stop before refining")
@@ -194,7 +208,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     receivers = args.receivers or honest
     if unknown := sorted(set(receivers) - set(honest)):
         parser.error(f"--receivers {' '.join(unknown)}: choose among the honest entities {', '.join(honest)}")
-    stem = "dishonest" + ("" if args.receivers is None else "-" + "-".join(receivers))
+    lies = [lie for lie in LIES if lie.relabel is None or args.lies is None or lie.tag in args.lies]
+    picked = CHECKS if args.checks is None else tuple(c for t, c in CHECK_TAGS.items() if t in args.checks)
+    stem = "-".join(["dishonest", *(args.receivers or []), *(args.lies or []), *(args.checks or [])])
     out_dir = cfg.results_dir() / "utility" / f"dishonest-{run_name(args, cfg.name)}"
     cells = out_dir / "cells"
     seeds = [cfg.data.seed + i for i in range(args.seeds)]
@@ -209,10 +225,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         # lying or not, the receiver kept, so settings that keep the same pools share one (honest receivers that
         # refuse nothing reuse the run without the check; every refused liar leaves the same pools).
         decisions, jobs = [], {}
-        for lie in LIES:
+        for lie in lies:
             for receiver in receivers:
                 pools = received(inputs, receiver, args.liar, lie, classes)
-                for check in CHECKS:
+                # the honest run without a check is every loss's baseline; a bound is a bound without a check
+                for check in [c for c in CHECKS if c in picked or (c == NO_CHECK and (lie.bound or not lie.relabel))]:
                     decision = (screen(phi2, inputs.own[receiver], pools, args.margin, repair=check == REPAIR)
                                 if check != NO_CHECK else None)
                     kept = decision.apply(pools) if decision else pools
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / f"{stem}.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv),
-                         name=FILENAME if args.receivers is None else f"provenance-{stem}.json")
+                         name=FILENAME if stem == "dishonest" else f"provenance-{stem}.json")
     print(text)
     return table
 

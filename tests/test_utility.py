@@ -27,7 +27,7 @@ from entities.screening import screen
 from entities.sharing import get_mode, step1
 from entities.sharing.dpm import k_anonymous
 from entities.train import augmented_views, train_decider
-from sim.dishonest import CHECKS, MARGIN, NO_CHECK, WITHHELD, checks, summarise
+from sim.dishonest import CHECK, CHECKS, MARGIN, NO_CHECK, REPAIR, WITHHELD, checks, summarise
 from strategies.records import pack_pool, pack_senders, unpack_pool, unpack_senders
 
 try:
@@ -220,6 +220,22 @@ def test_a_liars_cost_is_the_mean_paired_difference_with_its_standard_error():
     assert "+1.17 ± 0.44 points (E1, class 0 relabelled as class 1) (target ≤ 0.5): NO, but within two standard " \
            "errors" in verdicts[1], verdicts
     assert verdicts[-1].startswith(f"- E1, {WITHHELD}: +3.00 ± 0.58 points"), verdicts
+
+
+def test_a_narrower_run_reports_only_the_checks_it_ran_against_the_honest_baseline():
+    """``--checks repair``: the lie refined with repair only, the honest run without a check as the baseline; the
+    table and verdicts name the repair alone (no empty column, no verdict on a check not run)."""
+    honest, lie = [60.0, 58.0, 62.0], [59.5, 57.0, 60.0]
+    records = [{"lie": "honest", "check": check, "receiver": "E4", "seed": s, "top1": honest[s], "refused": [],
+                "repaired": []} for check in (NO_CHECK, REPAIR) for s in range(3)]
+    records += [{"lie": "class 0 relabelled as class 1", "check": REPAIR, "receiver": "E4", "seed": s,
+                 "top1": lie[s], "refused": [], "repaired": ["E2"]} for s in range(3)]
+    table = summarise(records)
+    assert f"loss, {CHECK}" not in table and f"loss, {REPAIR}" in table, table.columns
+    lying = table[table["lie"] == "class 0 relabelled as class 1"].iloc[0]
+    assert lying[f"loss, {REPAIR}"] == 1.17 and lying[f"repaired, {REPAIR}"] == "E2"
+    verdicts = checks(table)
+    assert len(verdicts) == 2 and all(v.startswith(f"- {REPAIR}") for v in verdicts), verdicts
 
 
 def test_repair_mends_a_permuted_pool_splits_a_merged_class_and_keeps_only_the_true_classes_of_another_lie():
