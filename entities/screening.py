@@ -171,9 +171,10 @@ def _split(lifts: np.ndarray, labels: np.ndarray, failing: set[int], trusted: se
     out = np.where(np.isin(labels, list(trusted)), labels, -1)
     for c in failing:
         rows = np.flatnonzero(labels == c)
-        block = lifts[np.ix_(rows, missing)]
-        moved = block.max(1) - lifts[rows, c] > SPLIT_MARGIN
-        out[rows] = np.where(moved, np.asarray(missing)[block.argmax(1)], c)
+        candidates = np.array([c, *missing])
+        block = lifts[np.ix_(rows, candidates)]
+        ranked = np.sort(block, axis=1)
+        out[rows] = np.where(ranked[:, -1] - ranked[:, -2] > SPLIT_MARGIN, candidates[block.argmax(1)], -1)
     return out
 
 
