@@ -81,6 +81,9 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/dishonest.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/dishonest-E4.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale/screening.md"),
+    ("Utility against the label-only floors", "utility/dishonest-collab-scale-test5000/dishonest-E4-merge-repair.md"),
+    ("Utility against the label-only floors",
+     "utility/dishonest-collab-scale-test5000/dishonest-E4-merge-withhold-none-repair.md"),
     ("Utility against the label-only floors", "utility/reading.md"),
 )
 
