@@ -84,6 +84,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Utility against the label-only floors", "utility/dishonest-collab-scale-test5000/dishonest-E4-merge-repair.md"),
     ("Utility against the label-only floors",
      "utility/dishonest-collab-scale-test5000/dishonest-E4-merge-withhold-none-repair.md"),
+    ("Utility against the label-only floors",
+     "utility/dishonest-collab-scale-test5000/dishonest-E1-E3-merge-repair.md"),
     ("Utility against the label-only floors", "utility/reading.md"),
 )
 
