@@ -38,7 +38,7 @@ from entities.files import artefact_key, results_lock, write_json, write_text
 from entities.pipeline import load_task
 from entities.provenance import FILENAME, command_line, write_provenance
 from entities.report import markdown_table
-from entities.screening import SPLIT_MARGIN, screen
+from entities.screening import screen
 from entities.train import evaluate_classifier, train_decider
 from sim.cli import add_config_args, command_parser, config_from_args, run_main, run_name
 from sim.executors import RayPool, Sequential, start_ray
@@ -146,8 +146,8 @@ def screening_text(decisions: list[dict], cfg: Config, args) -> str:
             "(entities/screening.py): per class, the pointwise mutual information between a pool's labels and Φ's "
             "φ2 on its items, against the median over the senders and the receiver's own images; with repair, a "
             "failing pool is kept relabelled (its labels a permutation of what φ2 sees), with the items of its failing "
-            "classes split by φ2 between their label and the classes it lacks (an item only where φ2 prefers one by "
-            f"more than {SPLIT_MARGIN:g} nats), or without its failing classes.\n")
+            "classes split by φ2 between their label and the classes it lacks (each item to the one φ2 sees most in "
+            "it), or without its failing classes.\n")
 
 
 def checks(table: pd.DataFrame) -> list[str]:
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 "the receiver's own images (entities/screening.py); with repair it keeps such a pool relabelled, "
                 "where the classes its items agree with most are a one-to-one map of its labels that then passes, "
                 "else with the items of its failing classes split by φ2 between their label and the classes the pool "
-                f"lacks (an item only where φ2 prefers one by more than {SPLIT_MARGIN:g} nats), if every class so "
-                "filled then passes, else without the classes that fail.\n\n"
+                "lacks (each item to the one φ2 sees most in it), if every class so filled then passes, else without "
+                "the classes that fail.\n\n"
                 + "\n".join(checks(table)) + f"\n\nCommand: `{command}`, {time.time() - started:.0f} s.\n")
         write_text(out_dir / f"{stem}.md", text)
         write_provenance(out_dir, started, command_line("python -m sim.dishonest", argv),
