@@ -120,7 +120,7 @@ def summarise(records: list[dict]) -> pd.DataFrame:
             spread = f" ± {got['top1'].std(ddof=1):.2f}" if len(got) > 1 else ""
             line[f"top-1, {check}"] = f"{got['top1'].mean():.2f}{spread}"
             loss = base.loc[[(receiver, s) for s in got["seed"]]].to_numpy() - got["top1"].to_numpy()
-            line[f"loss, {check}"] = round(float(loss.mean()), 2)
+            line[f"loss, {check}"] = round(float(loss.mean()), 2) + 0.0  # + 0.0: no "-0" in the table
             line[f"loss se, {check}"] = round(float(loss.std(ddof=1) / np.sqrt(len(loss))), 2) if len(loss) > 1 else 0.0
         for check, what in ((CHECK, "refused"), (REPAIR, "repaired")):
             senders = part[part["check"] == check][what]
