@@ -86,6 +86,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
      "utility/dishonest-collab-scale-test5000/dishonest-E4-merge-withhold-none-repair.md"),
     ("Utility against the label-only floors",
      "utility/dishonest-collab-scale-test5000/dishonest-E1-E3-merge-repair.md"),
+    ("Utility against the label-only floors", "utility/dishonest-collab-scale-test5000/screening.md"),
     ("Utility against the label-only floors",
      "utility/dishonest-collab-scale-seed100/dishonest-E4-merge-none-repair.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale-seed100/screening.md"),
