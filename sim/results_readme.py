@@ -89,6 +89,9 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Utility against the label-only floors", "utility/dishonest-collab-scale-test5000/screening.md"),
     ("Utility against the label-only floors",
      "utility/dishonest-collab-scale-seed100/dishonest-E4-merge-none-repair.md"),
+    ("Utility against the label-only floors",
+     "utility/dishonest-collab-scale-seed100/dishonest-E1-E3-merge-repair.md"),
+    ("Utility against the label-only floors", "utility/dishonest-collab-scale-seed100/dishonest-E3-merge-repair.md"),
     ("Utility against the label-only floors", "utility/dishonest-collab-scale-seed100/screening.md"),
     ("Utility against the label-only floors", "utility/reading.md"),
 )
