@@ -13,6 +13,7 @@ here, below all three, so none of them imports another's module to reach it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,32 @@ from torch import nn
 from entities.metrics import ssim_per_image
 
 FULL_RES_WIDTH = 16  # channels at the image's resolution; doubled at every coarser scale
+
+
+@functools.cache
+def _resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """Bilinear resizing along one axis (``align_corners=False``, edges clamped) as a (size_in, size_out)
+    matrix, with torch's source-index rule, so ``x @ M`` is ``F.interpolate``'s result along that axis."""
+    m = torch.zeros(size_in, size_out)
+    for j in range(size_out):
+        src = max((j + 0.5) * size_in / size_out - 0.5, 0.0)
+        i0 = int(src)
+        weight = src - i0
+        m[i0, j] += 1 - weight
+        m[min(i0 + 1, size_in - 1), j] += weight
+    return m
+
+
+def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` as two matrix products on the
+    channels-last view (equal to 1e-6 in fp32): on the CPU its backward pass took a fifth of a decoder
+    training step, twice what these products take."""
+    n, c, h, w = x.shape
+    mh = _resize_matrix(h, size[0]).to(x.device)
+    mw = _resize_matrix(w, size[1]).to(x.device)
+    y = mw.T @ x.permute(0, 2, 3, 1)  # (n, h, W, c): every row resized
+    y = mh.T @ y.reshape(n, h, -1)  # (n, H, W·c): every column resized
+    return y.reshape(n, size[0], size[1], c).permute(0, 3, 1, 2)
 
 
 class ResidualBlock(nn.Module):
@@ -62,8 +89,8 @@ class Decoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.stem(features)
         for up, skip, refine in zip(self.ups, self.skips, self.refine):
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            f = F.interpolate(features, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = bilinear(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+            f = bilinear(features, x.shape[-2:])
             x = refine(up(x) + skip(f))
         return torch.sigmoid(self.head(x))
 

@@ -2,13 +2,17 @@
 
 Images are floats in [0, 1] (data range 1.0) for L1, SSIM and PSNR. SSIM is pytorch-msssim's with
 its standard Gaussian window (11 pixels, sigma 1.5, valid convolution), which fits images of 11
-pixels and more, so CIFAR's 32-pixel images are fine.
+pixels and more, so CIFAR's 32-pixel images are fine. It is computed here with the window as a matrix
+(:func:`window_matrix`) rather than pytorch-msssim's grouped convolutions: the same sums in another
+order (equal to 1e-6, ``tests/test_core.py``), 2.7 times faster forward and backward on the CPU,
+where the decoders' L1 + SSIM loss spent a quarter of each training step in SSIM.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from pytorch_msssim import ssim as _ssim
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -27,9 +31,34 @@ def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Always in fp32, also inside a bf16 autocast region (the DPM's loss): SSIM divides small
     variances, which bf16's 8-bit mantissa would turn into noise.
     """
+    if x.shape != y.shape:
+        raise ValueError(f"SSIM compares images of one shape, not {tuple(x.shape)} and {tuple(y.shape)}")
     with torch.autocast(x.device.type, enabled=False):
-        return _ssim(x.float(), y.float(), data_range=DATA_RANGE, size_average=False, win_size=SSIM_WINDOW,
-                     win_sigma=SSIM_SIGMA)
+        x, y = x.float(), y.float()
+        wh, ww = window_matrix(x.shape[-2], x.device), window_matrix(x.shape[-1], x.device)
+        # the five windowed moments in one pair of matrix products
+        mu_x, mu_y, xx, yy, xy = wh @ torch.stack([x, y, x * x, y * y, x * y]) @ ww.T
+        c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+        mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+        structure = (2 * (xy - mu_xy) + c2) / ((xx - mu_xx) + (yy - mu_yy) + c2)
+        ssim_map = ((2 * mu_xy + c1) / (mu_xx + mu_yy + c1)) * structure
+        return ssim_map.flatten(2).mean(-1).mean(1)
+
+
+@functools.cache
+def window_matrix(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """pytorch-msssim's valid Gaussian filter along one axis of ``size`` pixels as a matrix ``W``:
+    ``W @ x @ W.T`` filters images as its two 1-d convolutions do. An axis shorter than the window is
+    left unfiltered (the identity), as pytorch-msssim skips it. Cached: callers must not write to it."""
+    if size < SSIM_WINDOW:
+        return torch.eye(size, device=device)
+    taps = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
+    g = torch.exp(-(taps**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    w = torch.zeros(size - SSIM_WINDOW + 1, size)
+    for i in range(len(w)):
+        w[i, i:i + SSIM_WINDOW] = g
+    return w.to(device)
 
 
 def l1_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

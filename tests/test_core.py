@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from entities.dpm import DeepPoisoningModule, ssim_privacy_loss
 from entities.metrics import l1_per_image, psnr_per_image, ssim_per_image, topk_correct
 from entities.presets import load_config
 from entities.reconstructors import RECONSTRUCTORS, build_reconstructor
-from entities.train import fit
+from entities.train import fit, folded
 
 
 @pytest.mark.parametrize("name,size,hook", [("resnet20", 32, "conv4_1"), ("resnet32", 32, "conv3_2"),
@@ -23,6 +25,29 @@ def test_split_identity(name, size, hook):
     phi1, phi2 = model.split(hook)
     with torch.no_grad():
         assert torch.allclose(phi2(phi1(x)), model(x), atol=1e-5)
+
+
+def test_folded_phi1_is_the_same_function_without_batchnorm():
+    """The copy the optimize attacker searches through: every BatchNorm folded away, same output and input
+    gradient as φ1 in eval mode, φ1 itself untouched."""
+    torch.manual_seed(0)
+    phi1, _ = build_backbone("resnet20", 5).split("conv4_1")
+    for bn in (m for m in phi1.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # as after training
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_(0, 0.5)
+    phi1.eval()
+    fused = folded(phi1)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in phi1.modules())
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    want = phi1(x)
+    (grad_want,) = torch.autograd.grad(want.pow(2).sum(), x)
+    got = fused(x)
+    (grad_got,) = torch.autograd.grad(got.pow(2).sum(), x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(grad_got, grad_want, atol=1e-5 * grad_want.abs().max().item())
 
 
 def test_conv4_1_feature_shape_matches_paper_stage():
@@ -87,6 +112,42 @@ def test_ssim_sanity():
     assert torch.allclose(l1_per_image(x, x), torch.zeros(4))
     assert (psnr_per_image(x, x) == 100).all()
     assert torch.allclose(psnr_per_image(x, (x + 0.1)), torch.full((4,), 20.0), atol=0.01)
+
+
+@pytest.mark.parametrize("shape,size", [((4, 64, 8, 8), (16, 16)), ((4, 64, 8, 8), (32, 32)),
+                                        ((4, 16, 7, 5), (28, 20)), ((4, 16, 8, 8), (8, 8))])
+def test_decoder_bilinear_is_torchs(shape, size):
+    """The decoder's resizing by matrix products is F.interpolate's, value and gradient, channels-last or not."""
+    from entities.decoders import bilinear
+
+    torch.manual_seed(0)
+    for x in (torch.randn(shape), torch.randn(shape).contiguous(memory_format=torch.channels_last)):
+        x.requires_grad_(True)
+        ours = bilinear(x, size)
+        torchs = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        weights = torch.randn_like(torchs)
+        (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+        (grad_torchs,) = torch.autograd.grad((torchs * weights).sum(), x)
+        assert ours.shape == torchs.shape
+        assert torch.allclose(ours, torchs, atol=1e-5)
+        assert torch.allclose(grad_ours, grad_torchs, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 32, 32), (6, 1, 64, 48), (6, 1, 8, 8)])  # CIFAR, faces, digits
+def test_ssim_is_pytorch_msssims(shape):
+    """The window-matrix SSIM is pytorch-msssim's, value and gradient (an axis under the window unfiltered)."""
+    from pytorch_msssim import ssim
+
+    torch.manual_seed(0)
+    y = torch.nn.functional.avg_pool2d(torch.rand(shape), 3, 1, 1)
+    x = (y + 0.1 * torch.randn(shape)).clamp(0, 1).requires_grad_(True)
+    ours = ssim_per_image(x, y)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    with pytest.warns(UserWarning) if shape[-1] < 11 else contextlib.nullcontext():
+        theirs = ssim(x, y, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5)
+    (grad_theirs,) = torch.autograd.grad(theirs.sum(), x)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert (grad_ours - grad_theirs).abs().max() <= 1e-5 * grad_theirs.abs().max()
 
 
 def test_privacy_loss_is_zero_only_when_both_direct_and_inverted_ssim_are_not_positive():

@@ -22,7 +22,7 @@ from entities.attacks.base import Family, Knowledge, Target, recipe, uses_dpm
 from entities.attacks.substitute import substitute_decoder, substitute_map, substitute_models, substitute_tag
 from entities.attacks.transfer import transfer_decoder
 from entities.config import Config
-from entities.train import freeze, infer
+from entities.train import folded, freeze, infer
 
 STEPS = 60  # Adam steps per batch of pool items
 LR = 0.05  # on the images' logits
@@ -75,10 +75,11 @@ def search(know: Knowledge, target: Target) -> tuple[nn.Module, torch.Tensor, to
     if uses_dpm(target.mode):
         g = substitute_map(know, target, substitute_tag(target))
         start = infer(substitute_decoder(know, target), shown)
-        return nn.Sequential(know.shared.phi1, recipe(target.mode, g, know.seed)), shown, start
+        return nn.Sequential(folded(know.shared.phi1), recipe(target.mode, g, know.seed)), shown, start
     # the published map: the identity, or DeepObfuscator's obfuscator, which every party holds
     start = infer(transfer_decoder(know, target.mode), shown)
-    return nn.Sequential(know.shared.phi1, recipe(target.mode, None, know.seed, know.shared.obfuscator)), shown, start
+    return (nn.Sequential(folded(know.shared.phi1), recipe(target.mode, None, know.seed, know.shared.obfuscator)),
+            shown, start)
 
 
 def _reconstruct(know: Knowledge, target: Target, name: str) -> torch.Tensor:

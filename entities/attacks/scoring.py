@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from entities.metrics import DATA_RANGE, SSIM_SIGMA, SSIM_WINDOW, disclosure, reconstruction_scores
+from entities.metrics import DATA_RANGE, disclosure, reconstruction_scores, window_matrix
 from entities.train import to_float
 
 
@@ -33,19 +33,6 @@ def gallery_rows(n: int, truth: np.ndarray, size: int, seed: int) -> np.ndarray:
     return out
 
 
-def _window_matrix(size: int) -> torch.Tensor:
-    """The valid Gaussian filter of :mod:`entities.metrics` (pytorch-msssim's window) as a matrix:
-    ``W @ x @ W.T`` filters an image as the two 1-d valid convolutions do, an order of magnitude
-    faster than grouped convolutions for the gallery's hundred thousand image pairs."""
-    taps = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
-    g = torch.exp(-(taps**2) / (2 * SSIM_SIGMA**2))
-    g = g / g.sum()
-    w = torch.zeros(size - SSIM_WINDOW + 1, size)
-    for i in range(len(w)):
-        w[i, i:i + SSIM_WINDOW] = g
-    return w
-
-
 def _stats(x: torch.Tensor, wh: torch.Tensor, ww: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed mean and variance of every image and channel."""
     mu = wh @ x @ ww.T
@@ -58,7 +45,7 @@ def gallery_ssim(recon: torch.Tensor, images: torch.Tensor, galleries: np.ndarra
     SSIM(1 − x̂, g): shape (items, gallery). The same SSIM as :func:`entities.metrics.ssim_per_image`
     (window, constants, per-channel mean), with each image's windowed statistics computed once."""
     c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
-    wh, ww = _window_matrix(images.shape[-2]), _window_matrix(images.shape[-1])
+    wh, ww = window_matrix(images.shape[-2]), window_matrix(images.shape[-1])
     mu_g, var_g = _stats(images.float(), wh, ww)
     out = []
     for i in range(0, len(recon), chunk):

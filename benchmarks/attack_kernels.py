@@ -1,0 +1,139 @@
+"""The attack suite's two hot loops, each timed as it was and as it is, side by side in one process.
+
+    python benchmarks/attack_kernels.py [--repeats 20] [--out results/benchmark]
+
+- A decoder training step (the decoder, transfer, substitute and dpm-agnostic attackers, and the
+  entity's disclosure check): before, L1 + (1 − SSIM) by pytorch-msssim's grouped convolutions and the
+  decoder's resizing by ``F.interpolate``; after, :func:`entities.metrics.ssim_per_image`'s window matrices
+  and :func:`entities.decoders.bilinear`'s matrix products (each equal to 1e-6 in fp32).
+- A step of the ``optimize`` attacker's search (:func:`entities.attacks.optimize.invert`): backpropagating to
+  the images through φ1, and through :func:`entities.train.folded` φ1 (BatchNorm folded into the convolutions).
+
+One torch thread, as a Ray task of the suite runs, under the resolved runtime (bf16 autocast and
+channels_last where the CPU runs them fast), the default preset's shapes (CIFAR-10, ResNet-20 split at
+conv4_1, batch 128 for the decoder, 100 images for the search). Timing does not depend on the weights, so
+the networks are freshly built. Each variant is warmed up, then timed ``--repeats`` steps, alternating, so
+a load change on the machine hits both. Writes ``attack-kernels.md|csv`` with the ratio old / new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim as msssim
+
+from entities import decoders, runtime
+from entities.attacks.optimize import TV_WEIGHT, total_variation
+from entities.backbone import build_backbone
+from entities.decoders import build_decoder
+from entities.metrics import DATA_RANGE, SSIM_SIGMA, SSIM_WINDOW, ssim_per_image
+from entities.presets import load_config
+from entities.report import write_table
+from entities.train import batch, folded, freeze
+
+
+def msssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The SSIM the library used before: pytorch-msssim's, in fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return msssim(x.float(), y.float(), data_range=DATA_RANGE, size_average=False, win_size=SSIM_WINDOW,
+                      win_sigma=SSIM_SIGMA)
+
+
+def interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The decoder's resizing as it was."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def decoder_step(ssim: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], phi1: torch.nn.Module,
+                 resize: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]) -> Callable[[], None]:
+    rt = runtime.current()
+    images = torch.rand(128, 3, 32, 32)
+    with torch.no_grad():
+        features = phi1(images)
+    decoder = rt.module(build_decoder(tuple(features.shape[1:]), (3, 32, 32)))
+    opt = torch.optim.Adam(decoder.parameters(), 1e-3)
+    f, x = batch(features), batch(images)
+
+    def step() -> None:
+        with mock.patch.object(decoders, "bilinear", resize), rt.autocast():
+            recon = decoder(f).float()
+            loss = (recon - x).abs().mean() + 1 - ssim(recon, x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def search_step(model: torch.nn.Module, phi1: torch.nn.Module) -> Callable[[], None]:
+    rt = runtime.current()
+    rt.module(model)
+    freeze(model)
+    truth = torch.rand(100, 3, 32, 32)
+    with torch.no_grad():
+        target = phi1(truth)
+    power = target.pow(2).mean()
+    z = torch.logit(torch.rand(100, 3, 32, 32).clamp(1e-3, 1 - 1e-3)).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+
+    def step() -> None:
+        x = torch.sigmoid(z)
+        with rt.autocast():
+            pred = model(x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x).float()
+        loss = (pred - target).pow(2).mean() / power + TV_WEIGHT * total_variation(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def timed(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Milliseconds per step of each, timed in turns after one warm-up step each."""
+    for step in steps.values():
+        step()
+    total = dict.fromkeys(steps, 0.0)
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            total[name] += time.perf_counter() - t0
+    return {name: 1000 * s / repeats for name, s in total.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
+    args = parser.parse_args()
+    cfg = load_config("default")
+    runtime.configure(cfg)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    phi1, _ = build_backbone(cfg.backbone.name, len(cfg.data.task_classes)).split(cfg.backbone.hook)
+    freeze(phi1)
+    rows = []
+    for loop, before, after in (
+            ("decoder training step, L1 + (1 − SSIM), batch 128", decoder_step(msssim_per_image, phi1, interpolate),
+             decoder_step(ssim_per_image, phi1, decoders.bilinear)),
+            ("optimize search step through φ1, 100 images", search_step(phi1, phi1), search_step(folded(phi1), phi1))):
+        ms = timed({"before": before, "after": after}, args.repeats)
+        rows.append({"loop": loop, "ms before": round(ms["before"], 1), "ms after": round(ms["after"], 1),
+                     "before / after": round(ms["before"] / ms["after"], 2)})
+        print(f"{loop}: {ms['before']:.1f} ms -> {ms['after']:.1f} ms, {ms['before'] / ms['after']:.2f}x", flush=True)
+    write_table(pd.DataFrame(rows), args.out, "attack-kernels",
+                "The attack suite's hot loops before and after their exact-math changes",
+                f"Milliseconds per step, one torch thread ({runtime.current().describe()}), {args.repeats} steps "
+                "each, timed in turns in one process (`python benchmarks/attack_kernels.py`). Before: SSIM by "
+                "pytorch-msssim's grouped convolutions and the decoder's resizing by F.interpolate; the search "
+                "through φ1 with its BatchNorms. After: SSIM by window matrices and resizing by matrix products (each "
+                "equal to 1e-6 in fp32); φ1 with each BatchNorm folded into its convolution.")
+
+
+if __name__ == "__main__":
+    main()
