@@ -50,6 +50,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("Table 5 on Ray: the speed-up", "table5/benchmark/speedup.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-vs-bdf8fb6.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-vs-bdf8fb6-profile.md"),
+    ("The attack suite as tasks: speed", "benchmark/attack-kernels.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-speed.md"),
     ("The attack suite as tasks: speed", "benchmark/optimize-budget.md"),
     ("The attack suite as tasks: speed", "benchmark/attack-reading.md"),
