@@ -1,4 +1,4 @@
-"""The attack suite's two hot loops, each timed as it was and as it is, side by side in one process.
+"""The attack suite's three hot loops, each timed as it was and as it is, side by side in one process.
 
     python benchmarks/attack_kernels.py [--repeats 20] [--out results/benchmark]
 
@@ -6,13 +6,15 @@
   entity's disclosure check): before, L1 + (1 − SSIM) by pytorch-msssim's grouped convolutions and the
   decoder's resizing by ``F.interpolate``; after, :func:`entities.metrics.ssim_per_image`'s window matrices
   and :func:`entities.decoders.bilinear`'s matrix products (each equal to 1e-6 in fp32).
+- The identification test of one cell (:func:`entities.attacks.scoring.gallery_ssim`, 300 items against
+  galleries of 100 of 1,000 images): 25 items at a time, and one at a time (the same figures, bit for bit).
 - A step of the ``optimize`` attacker's search (:func:`entities.attacks.optimize.invert`): backpropagating to
   the images through φ1, and through :func:`entities.train.folded` φ1 (BatchNorm folded into the convolutions).
 
 One torch thread, as a Ray task of the suite runs, under the resolved runtime (bf16 autocast and
 channels_last where the CPU runs them fast), the default preset's shapes (CIFAR-10, ResNet-20 split at
 conv4_1, batch 128 for the decoder, 100 images for the search). Timing does not depend on the weights, so
-the networks are freshly built. Each variant is warmed up, then timed ``--repeats`` steps, alternating, so
+the networks are freshly built. Each variant is warmed up, then timed ``--repeats`` calls, alternating, so
 a load change on the machine hits both. Writes ``attack-kernels.md|csv`` with the ratio old / new.
 """
 
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from pytorch_msssim import ssim as msssim
 
 from entities import decoders, runtime
 from entities.attacks.optimize import TV_WEIGHT, total_variation
+from entities.attacks.scoring import gallery_rows, gallery_ssim
 from entities.backbone import build_backbone
 from entities.decoders import build_decoder
 from entities.metrics import DATA_RANGE, SSIM_SIGMA, SSIM_WINDOW, ssim_per_image
@@ -118,7 +122,11 @@ def main() -> None:
     phi1, _ = build_backbone(cfg.backbone.name, len(cfg.data.task_classes)).split(cfg.backbone.hook)
     freeze(phi1)
     rows = []
+    images, recon = torch.rand(1000, 3, 32, 32), torch.rand(300, 3, 32, 32)
+    galleries = gallery_rows(len(images), np.arange(len(recon)), 100, seed=0)
     for loop, before, after in (
+            ("identification scoring of one cell, 300 items x 100 gallery images",
+             lambda: gallery_ssim(recon, images, galleries, chunk=25), lambda: gallery_ssim(recon, images, galleries)),
             ("decoder training step, L1 + (1 − SSIM), batch 128", decoder_step(msssim_per_image, phi1, interpolate),
              decoder_step(ssim_per_image, phi1, decoders.bilinear)),
             ("optimize search step through φ1, 100 images", search_step(phi1, phi1), search_step(folded(phi1), phi1))):
@@ -128,11 +136,12 @@ def main() -> None:
         print(f"{loop}: {ms['before']:.1f} ms -> {ms['after']:.1f} ms, {ms['before'] / ms['after']:.2f}x", flush=True)
     write_table(pd.DataFrame(rows), args.out, "attack-kernels",
                 "The attack suite's hot loops before and after their exact-math changes",
-                f"Milliseconds per step, one torch thread ({runtime.current().describe()}), {args.repeats} steps "
+                f"Milliseconds per call, one torch thread ({runtime.current().describe()}), {args.repeats} calls "
                 "each, timed in turns in one process (`python benchmarks/attack_kernels.py`). Before: SSIM by "
                 "pytorch-msssim's grouped convolutions and the decoder's resizing by F.interpolate; the search "
-                "through φ1 with its BatchNorms. After: SSIM by window matrices and resizing by matrix products (each "
-                "equal to 1e-6 in fp32); φ1 with each BatchNorm folded into its convolution.")
+                "through φ1 with its BatchNorms; scoring 25 items at a time. After: SSIM by window matrices and "
+                "resizing by matrix products (each equal to 1e-6 in fp32); φ1 with each BatchNorm folded into its "
+                "convolution; scoring one item at a time (the same figures bit for bit).")
 
 
 if __name__ == "__main__":
