@@ -14,8 +14,9 @@
 One torch thread, as a Ray task of the suite runs, under the resolved runtime (bf16 autocast and
 channels_last where the CPU runs them fast), the default preset's shapes (CIFAR-10, ResNet-20 split at
 conv4_1, batch 128 for the decoder, 100 images for the search). Timing does not depend on the weights, so
-the networks are freshly built. Each variant is warmed up, then timed ``--repeats`` calls, alternating, so
-a load change on the machine hits both. Writes ``attack-kernels.md|csv`` with the ratio old / new.
+the networks are freshly built. Each variant is warmed up, then called ``--repeats`` times in turns, the order
+alternating, so a load change on the machine hits both; the median counts. Writes ``attack-kernels.md|csv``
+with the ratio old / new.
 """
 
 from __future__ import annotations
@@ -98,16 +99,18 @@ def search_step(model: torch.nn.Module, phi1: torch.nn.Module) -> Callable[[], N
 
 
 def timed(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Milliseconds per step of each, timed in turns after one warm-up step each."""
+    """Milliseconds per call of each, median of ``repeats``, after one warm-up call each. The order alternates
+    from one repeat to the next: what one call leaves behind (freed memory, a cold cache) slows the next, and a
+    fixed order would charge it to one side."""
     for step in steps.values():
         step()
-    total = dict.fromkeys(steps, 0.0)
-    for _ in range(repeats):
-        for name, step in steps.items():
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
             t0 = time.perf_counter()
-            step()
-            total[name] += time.perf_counter() - t0
-    return {name: 1000 * s / repeats for name, s in total.items()}
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -136,8 +139,9 @@ def main() -> None:
         print(f"{loop}: {ms['before']:.1f} ms -> {ms['after']:.1f} ms, {ms['before'] / ms['after']:.2f}x", flush=True)
     write_table(pd.DataFrame(rows), args.out, "attack-kernels",
                 "The attack suite's hot loops before and after their exact-math changes",
-                f"Milliseconds per call, one torch thread ({runtime.current().describe()}), {args.repeats} calls "
-                "each, timed in turns in one process (`python benchmarks/attack_kernels.py`). Before: SSIM by "
+                f"Median milliseconds per call, one torch thread ({runtime.current().describe()}), {args.repeats} "
+                "calls each, in turns, the order alternating, in one process (`python benchmarks/attack_kernels.py`). "
+                "Before: SSIM by "
                 "pytorch-msssim's grouped convolutions and the decoder's resizing by F.interpolate; the search "
                 "through φ1 with its BatchNorms; scoring 25 items at a time. After: SSIM by window matrices and "
                 "resizing by matrix products (each equal to 1e-6 in fp32); φ1 with each BatchNorm folded into its "
