@@ -45,9 +45,10 @@ def gallery_ssim(recon: torch.Tensor, images: torch.Tensor, galleries: np.ndarra
     SSIM(1 − x̂, g): shape (items, gallery). The same SSIM as :func:`entities.metrics.ssim_per_image`
     (window, constants, per-channel mean), with each image's windowed statistics computed once.
 
-    ``chunk`` items at a time, one by default: then an item's gallery (100 CIFAR images, 1.2 MB) stays in the
-    core's cache through every step, and the same figures come 1.8 times faster than 25 at a time, which
-    made scoring a fifth of the attack suite's cell time."""
+    ``chunk`` items at a time, one by default: an item's temporaries (its 100 CIFAR gallery images, 1.2 MB)
+    stay small, and the same figures come up to 1.7 times faster than 25 at a time in a fresh process, no
+    slower in one that already freed larger blocks (``benchmarks/attack_kernels.py``). This test is most of
+    scoring, about a fifth of the attack suite's cell time."""
     c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
     wh, ww = window_matrix(images.shape[-2]), window_matrix(images.shape[-1])
     mu_g, var_g = _stats(images.float(), wh, ww)
